@@ -1,0 +1,22 @@
+"""minipeft: parameter-efficient fine-tuning of LLaMA-style models, from scratch on NumPy.
+
+    import minipeft as mp
+    path = mp.bundled_model_path()
+    model = mp.LlamaForCausalLM.from_pretrained(path)
+    tok = mp.Tokenizer.from_pretrained(path)
+    out = model(input_ids, labels=labels)     # out.logits, out.loss
+    out.loss.backward()
+    model.generate(input_ids, max_new_tokens=64, temperature=0.0)
+"""
+from .autograd import Tensor, no_grad
+from .data import bundled_model_path
+from .errors import CheckpointError, ConfigError, DataError, InputError, MiniPeftError
+from .io.tokenizer import Tokenizer
+from .models import KVCache, LlamaConfig, LlamaForCausalLM
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError", "ConfigError", "DataError", "InputError", "KVCache", "LlamaConfig",
+    "LlamaForCausalLM", "MiniPeftError", "Tensor", "Tokenizer", "bundled_model_path", "no_grad",
+]

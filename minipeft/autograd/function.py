@@ -1,0 +1,84 @@
+"""`Function`: one differentiable operation, with its forward next to its backward.
+
+A Function works on raw arrays (NumPy or CuPy). ``Function.apply`` wraps it for
+:class:`~minipeft.autograd.tensor.Tensor` inputs: it runs ``forward``, and when
+gradients are wanted it records the function and its inputs on the output so
+that ``Tensor.backward`` can call ``backward`` later.
+
+``backward`` receives the gradient of the loss with respect to the output and
+returns one gradient per tensor input (``None`` where none is needed). It may
+return gradients shaped like the *broadcast* operands; :func:`unbroadcast`
+sums them back to each input's shape, in one place, inside the engine.
+``self.needs_input_grad[i]`` tells backward which gradients are wanted, so an
+op can skip work for frozen inputs — this is what makes PEFT cheap: the
+weight-gradient matmul of a frozen base weight is never computed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import get_array_module
+
+
+def unbroadcast(grad, shape):
+    """Sum ``grad`` over the axes that broadcasting added or stretched to reach ``shape``."""
+    if grad.shape == tuple(shape):
+        return grad
+    extra = grad.ndim - len(shape)
+    if extra > 0:
+        grad = grad.sum(axis=tuple(range(extra)))
+    stretched = tuple(i for i, n in enumerate(shape) if n == 1 and grad.shape[i] != 1)
+    if stretched:
+        grad = grad.sum(axis=stretched, keepdims=True)
+    return grad
+
+
+class Function:
+    """Base class of every op. Subclasses define ``forward`` and ``backward``."""
+
+    __slots__ = ("inputs", "needs_input_grad", "saved")
+
+    def forward(self, *arrays, **params):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def backward(self, grad):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def save(self, *items):
+        """Keep what backward needs; the engine drops it after use."""
+        self.saved = items
+
+    @classmethod
+    def apply(cls, *inputs, **params):
+        """Run the op on tensors (numbers and arrays are wrapped as constants)."""
+        from .tensor import Tensor, is_grad_enabled  # noqa: PLC0415 - circular import
+
+        xp, dtype = None, None
+        for x in inputs:
+            if isinstance(x, Tensor):
+                xp = get_array_module(x.data)
+                dtype = x.data.dtype
+                break
+        tensors = tuple(
+            x if isinstance(x, Tensor) else Tensor(_constant(x, xp, dtype)) for x in inputs
+        )
+        fn = cls()
+        fn.saved = ()
+        fn.needs_input_grad = tuple(t.requires_grad for t in tensors)
+        record = is_grad_enabled() and any(fn.needs_input_grad)
+        if not record:
+            # Nothing to differentiate: backward will never run, so ops may skip saving.
+            fn.needs_input_grad = (False,) * len(tensors)
+        out = Tensor(fn.forward(*(t.data for t in tensors), **params), requires_grad=record)
+        if record:
+            fn.inputs = tensors
+            out._fn = fn
+        return out
+
+
+def _constant(value, xp, dtype):
+    """Wrap a Python number or array as a constant of the tensors' dtype."""
+    xp = xp or np
+    if isinstance(value, (bool, int, float)):
+        return xp.asarray(value, dtype=dtype)
+    return xp.asarray(value)

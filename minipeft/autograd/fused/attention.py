@@ -1,0 +1,154 @@
+"""Fused rotary embedding (RoPE) and causal grouped-query attention, with twins.
+
+Shapes: queries (B, H, T, Dh), keys and values (B, Hkv, S, Dh) with H = G·Hkv
+(grouped-query attention: query head h reads key/value head h // G, as
+transformers' ``repeat_kv`` does). The T queries are the *last* T of the S
+positions, so the same op serves training (T = S) and cached decoding (T < S).
+"""
+from __future__ import annotations
+
+import math
+
+from ...backend import get_array_module
+from .. import ops
+from ..function import Function
+from ..tensor import Tensor
+from .softmax import softmax_ref
+
+
+def rotate_half(x):
+    """(x1, x2) -> (−x2, x1) on the last axis: HF's RoPE convention."""
+    xp = get_array_module(x)
+    half = x.shape[-1] // 2
+    return xp.concatenate((-x[..., half:], x[..., :half]), axis=-1)
+
+
+class Rope(Function):
+    # y = x⊙cos + rotate_half(x)⊙sin;  rotate_half is a rotation R with Rᵀ = −R,
+    # so dx = g⊙cos − rotate_half(g⊙sin)
+    def forward(self, x, cos, sin):
+        self.save(cos, sin)
+        return x * cos + rotate_half(x) * sin
+
+    def backward(self, g):
+        cos, sin = self.saved
+        return g * cos - rotate_half(g * sin)
+
+
+def attention_bias(query_len, key_len, key_padding_mask, dtype, xp):
+    """Additive mask (B or 1, 1, T, S): 0 where query t may read key s, else dtype's min.
+
+    Query t sits at position ``key_len − query_len + t`` and reads keys at or before
+    it (causal) that are real tokens (``key_padding_mask`` True; None = all real).
+    A finite minimum (not −inf) keeps the arithmetic free of NaN; a query that
+    may read no key at all (a left-padding position) gets output 0.
+    """
+    offset = key_len - query_len
+    allowed = xp.arange(key_len)[None, :] <= (xp.arange(query_len)[:, None] + offset)
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask.astype(bool)[:, None, None, :]
+    return xp.where(allowed, 0, xp.finfo(dtype).min).astype(dtype)
+
+
+class Attention(Function):
+    """softmax(q kᵀ / √Dh + mask) v, batched over batch and heads.
+
+    Query heads are grouped under their key/value head, (B, Hkv, G, T, Dh), so the
+    scores are one batched matmul with no copy of k or v per query head; q is
+    scaled by 1/√Dh first (a T×Dh pass rather than a T×S one).
+
+    Causal skipping: queries are taken in blocks of ``QUERY_BLOCK`` rows, and a
+    block reads only the keys up to its last position — the keys after it are
+    masked anyway. Each block's softmax runs over complete rows, so the result is
+    exact; for T = S it does about half the work of the full T×S product.
+
+    Backward (P = probabilities, O = output, dO = g), as in FlashAttention:
+      dV = Pᵀ dO;  dP = dO Vᵀ;  dS = P ⊙ (dP − rowsum(dO ⊙ O)) / √Dh;  dQ = dS K;  dK = dSᵀ Q
+    using rowsum(dP ⊙ P) = rowsum(dO ⊙ O), which avoids a second (T, S) temporary.
+    """
+
+    QUERY_BLOCK = 128  # measured fastest for T = 256 on one core (64: 1.6x, 256: 1.3x slower)
+
+    def forward(self, q, k, v, bias):
+        xp = get_array_module(q)
+        batch, heads, tq, dh = q.shape
+        kv_heads, tk = k.shape[1], k.shape[2]
+        group = heads // kv_heads
+        scale = 1.0 / math.sqrt(dh)
+        q5 = (q * scale).reshape(batch, kv_heads, group, tq, dh)
+        out = xp.empty_like(q5)
+        blocks = []
+        for t0 in range(0, tq, self.QUERY_BLOCK):
+            t1 = min(t0 + self.QUERY_BLOCK, tq)
+            rows, keys = group * (t1 - t0), tk - tq + t1  # keys after position tk−tq+t1−1 are masked
+            qb = q5[:, :, :, t0:t1].reshape(batch, kv_heads, rows, dh)
+            scores = qb @ xp.swapaxes(k[:, :, :keys], -1, -2)  # (B, Hkv, G·bT, keys)
+            scores = scores.reshape(batch, kv_heads, group, t1 - t0, keys)
+            scores += bias[:, :, None, t0:t1, :keys]
+            row_max = scores.max(axis=-1, keepdims=True)
+            scores -= row_max
+            xp.exp(scores, out=scores)
+            scores /= scores.sum(axis=-1, keepdims=True)
+            dead = row_max <= xp.finfo(scores.dtype).min / 2  # rows that may read no key at all
+            if dead.any():
+                scores *= ~dead
+            probs = scores.reshape(batch, kv_heads, rows, keys)
+            out[:, :, :, t0:t1] = (probs @ v[:, :, :keys]).reshape(batch, kv_heads, group, t1 - t0, dh)
+            blocks.append((t0, t1, keys, qb, probs))
+        if any(self.needs_input_grad):
+            self.save(blocks, k, v, out, scale)
+        return out.reshape(batch, heads, tq, dh)
+
+    def backward(self, g):
+        blocks, k, v, out, scale = self.saved
+        xp = get_array_module(g)
+        batch, kv_heads, group, tq, dh = out.shape
+        go = g.reshape(out.shape)
+        delta = (go * out).sum(axis=-1, keepdims=True)  # rowsum(dO ⊙ O), (B, Hkv, G, T, 1)
+        dq = xp.empty_like(out)
+        dk, dv = xp.zeros_like(k), xp.zeros_like(v)
+        for t0, t1, keys, qb, probs in blocks:
+            rows = group * (t1 - t0)
+            gob = go[:, :, :, t0:t1].reshape(batch, kv_heads, rows, dh)
+            dv[:, :, :keys] += xp.swapaxes(probs, -1, -2) @ gob
+            ds = gob @ xp.swapaxes(v[:, :, :keys], -1, -2)  # dP, (B, Hkv, G·bT, keys)
+            ds -= delta[:, :, :, t0:t1].reshape(batch, kv_heads, rows, 1)
+            ds *= probs
+            dq[:, :, :, t0:t1] = (ds @ k[:, :, :keys]).reshape(batch, kv_heads, group, t1 - t0, dh)
+            dk[:, :, :keys] += xp.swapaxes(ds, -1, -2) @ qb
+        dq *= scale
+        return dq.reshape(batch, kv_heads * group, tq, dh), dk, dv, None
+
+
+def rope(x, cos, sin):
+    """Rotary position embedding; ``cos``/``sin`` broadcast against x (…, T, Dh)."""
+    return Rope.apply(x, cos, sin)
+
+
+def attention(q, k, v, key_padding_mask=None):
+    """Causal grouped-query attention; ``key_padding_mask`` (B, S) marks real tokens."""
+    xp = get_array_module(q.data)
+    mask = key_padding_mask.data if isinstance(key_padding_mask, Tensor) else key_padding_mask
+    bias = attention_bias(q.shape[2], k.shape[2], mask, q.dtype, xp)
+    return Attention.apply(q, k, v, bias)
+
+
+# ----- composite twins ---------------------------------------------------------------
+def rope_ref(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = ops.concat([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def attention_ref(q, k, v, key_padding_mask=None):
+    """The textbook version: repeat each key/value head for its G query heads."""
+    xp = get_array_module(q.data)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    which_kv = xp.arange(heads) // (heads // kv_heads)
+    k_rep, v_rep = k[:, which_kv], v[:, which_kv]  # (B, H, S, Dh)
+    mask = key_padding_mask.data if isinstance(key_padding_mask, Tensor) else key_padding_mask
+    bias = attention_bias(q.shape[2], k.shape[2], mask, q.dtype, xp)
+    scores = ops.matmul(q, ops.swapaxes(k_rep, -1, -2)) * (1.0 / math.sqrt(q.shape[-1])) + bias
+    alive = (bias.max(axis=-1, keepdims=True) == 0).astype(q.dtype)  # rows with a readable key
+    return ops.matmul(softmax_ref(scores) * alive, v_rep)

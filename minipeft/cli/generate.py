@@ -1,0 +1,55 @@
+"""``minipeft generate``: continue a prompt with a model (greedy by default)."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from ..errors import InputError
+from ..io.tokenizer import Tokenizer
+from ..models import LlamaForCausalLM
+from .common import add_model_option, model_folder, say
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt; prints prompt + continuation on stdout")
+    add_model_option(p)
+    p.add_argument("--prompt", default="", help="text to continue (empty: start from BOS)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(run=run)
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """The prompt's ids; an empty prompt (or a tokenizer that adds nothing) starts from BOS."""
+    ids = tokenizer.encode(prompt)
+    if not prompt and tokenizer.bos_token_id is not None and ids[:1] != [tokenizer.bos_token_id]:
+        ids = [tokenizer.bos_token_id] + ids
+    if not ids:
+        raise InputError("the prompt is empty and the tokenizer defines no BOS token to start from")
+    return ids
+
+
+def continuation_text(tokenizer: Tokenizer, prompt: str, ids: list[int], new_ids: list[int]) -> str:
+    """The decoded continuation alone, so that prompt + continuation reads as decoded text."""
+    prompt_text = tokenizer.decode(ids)
+    full = tokenizer.decode(ids + new_ids)
+    return full[len(prompt_text):] if full.startswith(prompt_text) else tokenizer.decode(new_ids)
+
+
+def run(args) -> int:
+    folder = model_folder(args)
+    model = LlamaForCausalLM.from_pretrained(folder, device=args.device)
+    tokenizer = Tokenizer.from_pretrained(folder)
+    ids = prompt_ids(tokenizer, args.prompt)
+    start = time.perf_counter()
+    out = model.generate(np.array([ids]), max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    elapsed = time.perf_counter() - start
+    new_ids = out[0, len(ids):].tolist()
+    print(args.prompt + continuation_text(tokenizer, args.prompt, ids, new_ids), flush=True)
+    say(f"[{len(new_ids)} tokens in {elapsed:.2f} s, {len(new_ids) / max(elapsed, 1e-9):.1f} tokens/s]")
+    return 0

@@ -1,0 +1,71 @@
+"""Loading and saving Hugging Face model folders.
+
+A folder holds ``config.json``, the weights (``model.safetensors`` or shards
+listed in ``model.safetensors.index.json``) and optionally
+``generation_config.json``. Since module paths equal checkpoint keys, loading
+is: read config, build the model, check every key and shape against it, copy.
+Weights stored as F16 or BF16 are converted to float32 (the compute dtype).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError
+from ..io.checkpoint import load_model_tensors, read_json, save_model_tensors
+from ..io.safetensors import atomic_write
+from .config import LlamaConfig
+
+# Keys some checkpoints carry that are not weights: recomputed buffers.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def weights_file_name(folder: Path) -> Path:
+    """The file that names the weights (single file, or the shard index) — for messages."""
+    single = folder / "model.safetensors"
+    return single if single.exists() else folder / "model.safetensors.index.json"
+
+
+def load_pretrained(cls, folder, device: str = "cpu", dtype=np.float32):
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such model folder")
+    config = LlamaConfig.from_json(folder / "config.json")
+    tensors = load_model_tensors(folder)
+    source = weights_file_name(folder)
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    if config.tie_word_embeddings:
+        # transformers ties the head to the embedding and ignores a stored copy.
+        tensors.pop("lm_head.weight", None)
+    model = cls(config)
+    model.load_state_dict({k: np.asarray(v, dtype=dtype) for k, v in tensors.items()},
+                          source=f"{source} (with {folder / 'config.json'})")
+    generation = folder / "generation_config.json"
+    if generation.exists():
+        model.generation_config = read_json(generation, "generation config")
+    return model.to(device=device, dtype=dtype)
+
+
+def save_pretrained(model, folder, dtype=None, max_shard_bytes: int | None = None) -> None:
+    """Write a folder transformers' ``from_pretrained`` loads (tied head not stored, as HF does)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = model.state_dict()
+    if dtype is not None:
+        tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+    config = model.config.to_dict()
+    # transformers >= 4.56 reads "dtype" (older ones "torch_dtype"); write both, so a stale
+    # "dtype" kept from the loaded config.json cannot contradict the weights written here.
+    name = np.dtype(dtype or np.float32).name  # float32, float16 or bfloat16
+    config["dtype"] = config["torch_dtype"] = name
+    _write_json(folder / "config.json", config)
+    if model.generation_config:
+        _write_json(folder / "generation_config.json", model.generation_config)
+    save_model_tensors(folder, tensors, max_shard_bytes=max_shard_bytes)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))

@@ -1,0 +1,1 @@
+"""Reusable test helpers (import as ``from tests.helpers.gradcheck import ...``)."""
