@@ -8,6 +8,7 @@
     out.loss.backward()
     model.generate(input_ids, max_new_tokens=64, temperature=0.0)
 """
+from . import peft, train
 from .autograd import Tensor, no_grad
 from .data import bundled_model_path
 from .errors import CheckpointError, ConfigError, DataError, InputError, MiniPeftError
@@ -18,5 +19,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "InputError", "KVCache", "LlamaConfig",
-    "LlamaForCausalLM", "MiniPeftError", "Tensor", "Tokenizer", "bundled_model_path", "no_grad",
+    "LlamaForCausalLM", "MiniPeftError", "Tensor", "Tokenizer", "bundled_model_path", "no_grad", "peft",
+    "train",
 ]

@@ -14,6 +14,7 @@ from .common import add_model_option, model_folder, say
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="continue a prompt; prints prompt + continuation on stdout")
     add_model_option(p)
+    p.add_argument("--adapter", metavar="DIR", default=None, help="a PEFT adapter folder to apply")
     p.add_argument("--prompt", default="", help="text to continue (empty: start from BOS)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -42,7 +43,12 @@ def continuation_text(tokenizer: Tokenizer, prompt: str, ids: list[int], new_ids
 
 def run(args) -> int:
     folder = model_folder(args)
-    model = LlamaForCausalLM.from_pretrained(folder, device=args.device)
+    if args.adapter:
+        from .merge import load_with_adapter  # noqa: PLC0415 - PEFT only when asked for
+
+        model = load_with_adapter(folder, args.adapter, args.device)
+    else:
+        model = LlamaForCausalLM.from_pretrained(folder, device=args.device)
     tokenizer = Tokenizer.from_pretrained(folder)
     ids = prompt_ids(tokenizer, args.prompt)
     start = time.perf_counter()

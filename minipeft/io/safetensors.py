@@ -190,6 +190,12 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
     return tensors
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def atomic_write(path, write: Callable) -> None:
     """Create ``path`` by calling ``write(file)`` on a temporary file, then renaming.
 
@@ -201,6 +207,7 @@ def atomic_write(path, write: Callable) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

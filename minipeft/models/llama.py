@@ -155,7 +155,9 @@ class LlamaForCausalLM(Module):
         """Load a Hugging Face model folder (config.json + safetensors weights)."""
         from .pretrained import load_pretrained  # noqa: PLC0415
 
-        return load_pretrained(cls, folder, device=device, dtype=dtype)
+        model = load_pretrained(cls, folder, device=device, dtype=dtype)
+        model.name_or_path = str(folder)  # as transformers; PEFT records it in adapter_config.json
+        return model
 
     def save_pretrained(self, folder, dtype=None, max_shard_bytes: int | None = None) -> None:
         """Write config.json, generation_config.json and safetensors weights transformers loads."""

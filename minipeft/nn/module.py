@@ -140,7 +140,7 @@ class Module:
     # ----- state -----------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
         """Host copies of every parameter by name (tied parameters once)."""
-        return {name: to_numpy(p.data) for name, p in self.named_parameters()}
+        return {name: np.array(to_numpy(p.data), copy=True) for name, p in self.named_parameters()}
 
     def load_state_dict(self, state: dict, strict: bool = True, source: str = "state dict") -> None:
         """Copy arrays into parameters by name, checking keys and shapes first.

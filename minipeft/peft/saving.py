@@ -1,0 +1,139 @@
+"""Adapters on disk in Hugging Face PEFT's layout (REFERENCE 1.3), both directions.
+
+A folder holds ``adapter_config.json`` (``json.dumps(config.to_dict(), indent=2,
+sort_keys=True)``, ``inference_mode`` true) and ``adapter_model.safetensors``
+(metadata ``{"format": "pt"}``). Tensor keys are the in-memory names with the
+adapter name removed, which each adapter layer spells out in ``adapter_state``:
+
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight        (r, in)
+    base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight        (out, r)
+    base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector (out,)  DoRA
+    base_model.model.model.embed_tokens.lora_embedding_A                   (r, num)
+    base_model.model.lm_head.weight                       a modules_to_save copy
+    base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias       bias="lora_only"
+                                                          (bias="all": every bias of the model)
+
+As PEFT, an adapter on ``embed_tokens`` / ``lm_head`` also saves that layer's base
+weight (``save_embedding_layers="auto"``, with PEFT's warning); PEFT's further
+"auto" check for a resized vocabulary (which reads the base model's config from
+the Hub) is not done. Loading is strict: every adapter tensor must be in the file,
+nothing else may be (except base weights of the model, such as those embeddings),
+and a wrong shape names the key and both shapes; nothing changes unless every
+check passes.
+"""
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from ..backend import to_device
+from ..errors import CheckpointError, ConfigError
+from ..io import atomic_write, read_json, read_safetensors, write_safetensors
+from . import registry
+from .base import AdapterLayer, ModulesToSaveWrapper
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def adapter_folder(folder, name: str) -> Path:
+    """PEFT's place for an adapter: the folder itself for ``default``, else ``folder/<name>``."""
+    return Path(folder) if name == "default" else Path(folder) / name
+
+
+def adapter_parameters(peft_model, name: str) -> dict:
+    """File key -> Parameter for everything adapter ``name`` saves, except embedding layers."""
+    out = {}
+    for path, module in peft_model.named_adapter_modules():
+        if name in module.adapter_names():
+            for key, p in module.adapter_state(name).items():
+                out[f"{PREFIX}{path}.{key}"] = p
+    by_id = {id(p): n for n, p in peft_model.base_model.model.named_parameters()}
+    for p in peft_model._bias_params(name):
+        out[PREFIX + by_id[id(p)]] = p
+    return out
+
+
+def embedding_parameters(peft_model, name: str, save_embedding_layers) -> dict:
+    """PEFT's ``save_embedding_layers``: the base weights of the input / output embeddings."""
+    config, model = peft_model.peft_config[name], peft_model.base_model.model
+    targets = config.target_modules
+    if isinstance(targets, str):
+        targeted = any(re.fullmatch(targets, path) for path, _ in model.named_modules()
+                       if re.match(rf"(.*\.)?({'|'.join(EMBEDDING_LAYER_NAMES)})$", path))
+    else:
+        targeted = any(e in (targets or ()) for e in EMBEDDING_LAYER_NAMES)
+    if save_embedding_layers == "auto":
+        if targeted:
+            warnings.warn("Setting `save_embedding_layers` to `True` as embedding layers found in "
+                          "`target_modules`.", stacklevel=3)
+        save_embedding_layers = targeted
+    out = {}
+    if save_embedding_layers:
+        for path in ("model.embed_tokens", "lm_head"):
+            module = model.get_submodule(path)
+            if isinstance(module, AdapterLayer):
+                out[f"{PREFIX}{path}.base_layer.weight"] = module.base_layer.weight
+            elif not targeted and not isinstance(module, ModulesToSaveWrapper):
+                out[f"{PREFIX}{path}.weight"] = module.weight
+    return out
+
+
+def save_pretrained(peft_model, folder, selected_adapters=None, save_embedding_layers="auto") -> None:
+    folder = Path(folder)
+    if folder.is_file():
+        raise CheckpointError(f"cannot save adapters to '{folder}': it is a file, expected a folder")
+    names = list(peft_model.peft_config) if selected_adapters is None else list(selected_adapters)
+    unknown = [n for n in names if n not in peft_model.peft_config]
+    if unknown:
+        raise ValueError(f"cannot save unknown adapter(s) {unknown}")
+    base_name = getattr(peft_model.base_model.model, "name_or_path", None)
+    for name in names:
+        out = adapter_folder(folder, name)
+        out.mkdir(parents=True, exist_ok=True)
+        params = {**adapter_parameters(peft_model, name),
+                  **embedding_parameters(peft_model, name, save_embedding_layers)}
+        write_safetensors(out / WEIGHTS_NAME, {k: p.data for k, p in params.items()}, metadata={"format": "pt"})
+        config = peft_model.peft_config[name]
+        config = config.replace(inference_mode=True,
+                                base_model_name_or_path=config.base_model_name_or_path or base_name)
+        text = json.dumps(config.to_dict(), indent=2, sort_keys=True)
+        atomic_write(out / CONFIG_NAME, lambda f, text=text: f.write(text.encode("utf-8")))
+
+
+def read_config(folder):
+    """The config in ``folder/adapter_config.json``, as the class its ``peft_type`` names."""
+    path = Path(folder) / CONFIG_NAME
+    return registry.config_from_dict(read_json(path, "adapter config", ConfigError), source=str(path))
+
+
+def load_weights(peft_model, folder, name: str) -> None:
+    """Copy ``folder/adapter_model.safetensors`` into adapter ``name``, checking everything first."""
+    path = Path(folder) / WEIGHTS_NAME
+    if not path.exists():
+        raise CheckpointError(f"adapter file '{path}' does not exist")
+    tensors = read_safetensors(path)
+    expected = adapter_parameters(peft_model, name)
+    base = {PREFIX + n: p for n, p in peft_model.base_model.model.named_parameters()}
+    for key, p in {**expected, **base}.items():
+        if key in tensors and tuple(tensors[key].shape) != tuple(p.shape):
+            raise CheckpointError(
+                f"adapter file '{path}' does not fit the model: tensor {key!r} has shape "
+                f"{tuple(tensors[key].shape)}, the model expects {tuple(p.shape)} "
+                "(was the adapter saved for another base model?)")
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected and k not in base]
+    if missing or unexpected:
+        parts = ([f"missing keys: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"] if missing else []) + \
+                ([f"unexpected keys: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"]
+                 if unexpected else [])
+        raise CheckpointError(f"adapter file '{path}' does not fit the model: " + " | ".join(parts))
+    for key, array in tensors.items():
+        p = expected.get(key, base.get(key))
+        p.data = to_device(np.asarray(array, dtype=p.dtype), p.device)

@@ -1,0 +1,197 @@
+"""Training checkpoints: everything needed to continue a run bit for bit.
+
+Layout of ``output_dir``::
+
+    step-N/
+      trainable.safetensors    the parameters of the optimizer's groups, by model name
+      adapter/                 model.save_pretrained(...) for adapter models (PEFT layout)
+      optimizer.safetensors    moment arrays, keys "group/index/name"
+      optimizer.json           optimizer type and per-parameter step counts
+      trainer_state.json       step, schedule, data cursor + data-order RNG state,
+                               model.rng state (dropout), and the trainer's extras
+    latest                     the name of the newest complete checkpoint
+
+Atomicity: a checkpoint is written into ``.step-N.tmp-XXXX`` in the same folder and
+renamed to ``step-N`` only when complete (a rename within a folder is atomic), then
+``latest`` is replaced atomically. A crash or error at any point leaves the previous
+checkpoints and ``latest`` as they were, and no half-written ``step-N``. Old checkpoints
+are pruned to the last K by first renaming them to a temporary name, so a crash while
+deleting cannot leave a partial ``step-M`` behind either.
+
+``trainable.safetensors`` is what :func:`load_checkpoint` restores from (in place, into
+the model it is given, whatever the model class); ``adapter/`` is for the user: the
+adapter as of that step, loadable with ``PeftModel.from_pretrained``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..backend import to_device, to_numpy
+from ..errors import CheckpointError
+from ..io.checkpoint import read_json
+from ..io.safetensors import atomic_write, read_safetensors, write_safetensors
+
+FORMAT = 1
+LATEST = "latest"
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_TMP_RE = re.compile(r"^\.step-\d+\.(tmp|del)-")
+
+
+def _jsonable(obj):
+    """json's fallback for NumPy values (an MT19937 state holds an array)."""
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
+
+
+def _write_json(path: Path, obj) -> None:
+    data = (json.dumps(obj, indent=1, sort_keys=True, default=_jsonable) + "\n").encode("utf-8")
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _param_names(model, groups) -> list[tuple[str, object]]:
+    """(name, Parameter) for every group parameter: the model's dotted name, else "group/index"."""
+    by_id = {id(p): n for n, p in model.named_parameters()} if hasattr(model, "named_parameters") else {}
+    return [(by_id.get(id(p), f"{g.name}/{i}"), p) for g in groups for i, p in enumerate(g.params)]
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``output_dir`` as (step, folder), oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def find_latest_checkpoint(output_dir) -> Path | None:
+    """The folder ``latest`` names, or (if that is missing) the highest ``step-N``; None if none."""
+    output_dir = Path(output_dir)
+    pointer = output_dir / LATEST
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+        if _STEP_RE.match(name) and (output_dir / name / "trainer_state.json").is_file():
+            return output_dir / name
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(output_dir, step: int, *, model, groups, optimizer, schedule, loader,
+                    keep: int | None = None, extra: dict | None = None) -> Path:
+    """Write ``output_dir/step-{step}`` atomically, point ``latest`` at it, keep the last ``keep``."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.iterdir():  # left by a run killed mid-write
+        if _TMP_RE.match(stale.name) and stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+    final = output_dir / f"step-{step}"
+    tmp = output_dir / f".step-{step}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()  # not mkdtemp: that makes it 0700, this follows the umask like any folder
+    try:
+        write_safetensors(tmp / "trainable.safetensors", {n: p.data for n, p in _param_names(model, groups)})
+        if hasattr(model, "parameter_groups") and hasattr(model, "save_pretrained"):
+            model.save_pretrained(tmp / "adapter")
+        opt = optimizer.state_dict()
+        arrays = {f"{key}/{name}": v for key, s in opt["state"].items() for name, v in s.items() if name != "step"}
+        write_safetensors(tmp / "optimizer.safetensors", arrays)
+        _write_json(tmp / "optimizer.json", {"type": opt["type"],
+                                              "steps": {k: s["step"] for k, s in opt["state"].items()}})
+        rng = getattr(model, "rng", None)
+        _write_json(tmp / "trainer_state.json", {
+            "format": FORMAT, "step": step, "schedule": schedule.state_dict(), "data": loader.state_dict(),
+            "model_rng": rng.bit_generator.state if isinstance(rng, np.random.Generator) else None,
+            "extra": extra or {}})
+        _fsync_dir(tmp)
+        if final.exists():  # a re-run of the same step: move the old one aside first
+            os.replace(final, output_dir / f".step-{step}.del-{os.getpid()}")
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write(output_dir / LATEST, lambda f: f.write(f"{final.name}\n".encode()))
+    _fsync_dir(output_dir)
+    if keep:
+        for old_step, old in list_checkpoints(output_dir)[:-keep]:
+            trash = output_dir / f".step-{old_step}.del-{os.getpid()}"
+            os.replace(old, trash)  # never a half-deleted step-M
+            shutil.rmtree(trash, ignore_errors=True)
+    for trash in output_dir.glob(".step-*.del-*"):
+        shutil.rmtree(trash, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(folder, *, model, groups, optimizer, schedule, loader) -> dict:
+    """Restore a checkpoint in place; returns its trainer state (``step``, ``extra``, ...).
+
+    Every file is read and checked before the model is touched: on a bad checkpoint the
+    model keeps its weights and a CheckpointError names the file and key at fault.
+    """
+    folder = Path(folder)
+    state = read_json(folder / "trainer_state.json", "trainer state")
+    if state.get("format") != FORMAT:
+        raise CheckpointError(f"'{folder / 'trainer_state.json'}': format {state.get('format')!r}, "
+                              f"this minipeft reads format {FORMAT}")
+    if not isinstance(state.get("step"), int):
+        raise CheckpointError(f"'{folder / 'trainer_state.json'}': step must be an integer")
+    weights = read_safetensors(folder / "trainable.safetensors")
+    named = _param_names(model, groups)
+    source = f"'{folder / 'trainable.safetensors'}'"
+    missing = [n for n, _ in named if n not in weights]
+    unexpected = sorted(set(weights) - {n for n, _ in named})
+    if missing or unexpected:
+        raise CheckpointError(f"{source} does not fit the parameter groups: missing {missing or 'none'}, "
+                              f"unexpected {unexpected or 'none'}")
+    for name, p in named:
+        if tuple(weights[name].shape) != tuple(p.shape):
+            raise CheckpointError(f"{source}: {name} has shape {tuple(weights[name].shape)}, "
+                                  f"the parameter has shape {tuple(p.shape)}")
+
+    opt_json = read_json(folder / "optimizer.json", "optimizer state")
+    arrays = read_safetensors(folder / "optimizer.safetensors")
+    opt_state: dict[str, dict] = {key: {"step": s} for key, s in opt_json.get("steps", {}).items()}
+    for full, array in arrays.items():
+        key, _, name = full.rpartition("/")
+        if key not in opt_state:
+            raise CheckpointError(f"'{folder / 'optimizer.safetensors'}': array {full!r} has no step count "
+                                  "in optimizer.json")
+        opt_state[key][name] = array
+    optimizer.load_state_dict({"type": opt_json.get("type"), "state": opt_state},
+                              source=f"'{folder / 'optimizer.safetensors'}'")
+    schedule.load_state_dict(state.get("schedule") or {}, source=f"'{folder / 'trainer_state.json'}' schedule")
+    loader.load_state_dict(state.get("data") or {}, source=f"'{folder / 'trainer_state.json'}' data cursor")
+    rng, rng_state = getattr(model, "rng", None), state.get("model_rng")
+    if isinstance(rng, np.random.Generator) and rng_state is not None:
+        try:  # check on a scratch generator before touching the model's
+            type(rng.bit_generator)().state = copy.deepcopy(rng_state)
+        except (TypeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"'{folder / 'trainer_state.json'}': model_rng does not fit "
+                                  f"{type(rng.bit_generator).__name__} ({exc})") from None
+
+    # everything checked: now change the model
+    for name, p in named:
+        p.data = to_device(np.array(to_numpy(weights[name]), dtype=p.dtype), p.device)
+        p.grad = None
+    if isinstance(rng, np.random.Generator) and rng_state is not None:
+        rng.bit_generator.state = copy.deepcopy(rng_state)
+    return state

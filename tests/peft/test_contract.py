@@ -1,0 +1,220 @@
+"""The contract every PEFT method keeps, one table over the registry (DESIGN.md "Tests are the spec").
+
+Each row of CASES is a method (or a variant of one) with the modules it must adapt and
+their ranks, from which the test computes the trainable-parameter count by the
+formula in the method's docstring. Every property below is a separate test over every
+row. A method added to the registry must add its rows here
+(``test_every_registered_method_has_a_row``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minipeft.nn import Embedding, Linear
+from minipeft.peft import REGISTRY, LoraConfig, PeftModel, get_peft_model
+from tests.peft.helpers import (
+    TINIER,
+    assert_grads_match_fd,
+    frozen_dora_norms,
+    logits,
+    randomize,
+    tiny_model,
+    token_ids,
+    weighted_logits,
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    config: object
+    ranks: dict  # last name component of each adapted module -> its rank r
+    model: dict = field(default_factory=dict)  # LlamaConfig overrides (e.g. biases)
+    identity: bool = True  # does the method promise the base model's output at init?
+
+
+CASES = [
+    Case("lora", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]), {"q_proj": 4, "v_proj": 4}),
+    Case("rslora", LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["k_proj", "down_proj"]),
+         {"k_proj": 4, "down_proj": 4}),
+    Case("dora", LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "up_proj"]),
+         {"q_proj": 4, "up_proj": 4}),
+    Case("lora_embedding", LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "o_proj"]),
+         {"embed_tokens": 4, "o_proj": 4}),
+    Case("dora_embedding", LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["embed_tokens", "v_proj"]),
+         {"embed_tokens": 2, "v_proj": 2}),
+    Case("rank_pattern", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj"],
+                                    rank_pattern={"gate_proj": 2}, alpha_pattern={"q_proj": 3}),
+         {"q_proj": 4, "gate_proj": 2}),
+    Case("dropout", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.25, target_modules=["v_proj", "down_proj"]),
+         {"v_proj": 4, "down_proj": 4}),
+    Case("bias_lora_only", LoraConfig(r=2, lora_alpha=4, bias="lora_only", target_modules=["q_proj", "o_proj"]),
+         {"q_proj": 2, "o_proj": 2}, model={"attention_bias": True}),
+    Case("bias_all", LoraConfig(r=2, lora_alpha=4, bias="all", use_dora=True, target_modules=["v_proj"]),
+         {"v_proj": 2}, model={"attention_bias": True}),
+    Case("modules_to_save", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+         {"q_proj": 2}),
+]
+IDS = [c.id for c in CASES]
+
+
+def make(case: Case, seed: int = 0, dtype=np.float32, size=None):
+    base = tiny_model(seed, dtype=dtype, **({"size": size} if size else {}), **case.model)
+    return get_peft_model(base, case.config, seed=seed)
+
+
+def formula_count(base, case: Case) -> int:
+    """The docstring's count: r·(in + out) per Linear (+ out with DoRA), r·(num + dim) per
+    Embedding (+ dim with DoRA), + the trained biases, + full modules_to_save copies."""
+    config, total = case.config, 0
+    for name, module in base.named_modules():
+        r = case.ranks.get(name.rsplit(".", 1)[-1])
+        if r is None:
+            continue
+        if isinstance(module, Linear):
+            total += r * (module.in_features + module.out_features) + config.use_dora * module.out_features
+            if config.bias == "lora_only" and module.bias is not None:
+                total += module.bias.size
+        elif isinstance(module, Embedding):
+            total += r * (module.num_embeddings + module.embedding_dim) + config.use_dora * module.embedding_dim
+    if config.bias == "all":
+        total += sum(p.size for n, p in base.named_parameters() if n.endswith(".bias"))
+    for saved in config.modules_to_save or ():
+        total += sum(p.size for p in base.get_submodule(saved).parameters())
+    return total
+
+
+def group_params(peft_model):
+    return [p for g in peft_model.parameter_groups() for p in g.params]
+
+
+def test_every_registered_method_has_a_row():
+    assert {c.config.peft_type for c in CASES} == set(REGISTRY)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_identity_at_init(case, seed):
+    base = tiny_model(seed, **case.model)
+    ids = token_ids(seed)
+    before = logits(base, ids)
+    peft_model = get_peft_model(base, case.config, seed=seed).eval()
+    after = logits(peft_model, ids)
+    if case.identity:
+        np.testing.assert_array_equal(after, before)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_apply_returns_exactly_the_parameters_it_added_as_its_group(case):
+    model = tiny_model(**case.model)
+    before = {id(p) for p in model.parameters()}
+    method = REGISTRY[case.config.peft_type]
+    group = method.apply(model, case.config, np.random.default_rng(0), adapter_name="x")
+    assert group.name == f"{method.group_prefix}:x"
+    added = [id(p) for p in model.parameters() if id(p) not in before]
+    assert sorted(id(p) for p in group.params) == sorted(added) and len(added) == len(set(added))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_trainable_count_is_the_docstring_formula(case):
+    expected = formula_count(tiny_model(0, **case.model), case)
+    peft_model = make(case)
+    assert peft_model.get_nb_trainable_parameters()[0] == expected
+    assert sum(g.num_parameters() for g in peft_model.parameter_groups()) == expected
+    names = {g.name.split(":")[0] for g in peft_model.parameter_groups()}
+    assert "lora" in names and ("bias" in names) == (case.config.bias != "none")
+    assert ("modules_to_save" in names) == bool(case.config.modules_to_save)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_only_the_groups_receive_gradients(case):
+    peft_model = make(case)
+    randomize(peft_model)
+    peft_model(token_ids(), labels=token_ids()).loss.backward()
+    with_grad = {id(p) for p in peft_model.parameters() if p.grad is not None}
+    assert with_grad == {id(p) for p in group_params(peft_model)}
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_training_leaves_base_weights_bitwise_untouched(case):
+    peft_model = make(case)
+    snapshot = {n: p.data.copy() for n, p in peft_model.named_parameters()}
+    trained = {id(p) for p in group_params(peft_model)}
+    for _ in range(3):
+        peft_model.zero_grad()
+        peft_model(token_ids(), labels=token_ids()).loss.backward()
+        for p in group_params(peft_model):
+            p.data = p.data - 0.1 * p.grad
+    for name, p in peft_model.named_parameters():
+        if id(p) in trained:
+            assert not np.array_equal(p.data, snapshot[name]), f"{name} did not train"
+        else:
+            np.testing.assert_array_equal(p.data, snapshot[name], err_msg=f"{name} changed")
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@settings(max_examples=3, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_merged_forward_equals_unmerged(case, seed):
+    peft_model = make(case, seed).eval()
+    randomize(peft_model, seed)
+    ids = token_ids(seed)
+    unmerged = logits(peft_model, ids)
+    peft_model.merge_adapter()
+    merged = logits(peft_model, ids)
+    np.testing.assert_allclose(merged, unmerged, rtol=1e-5, atol=1e-5 * np.abs(unmerged).max())
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_unmerge_restores_the_weights(case):
+    peft_model = make(case).eval()
+    randomize(peft_model)
+    before = {n: p.data.copy() for n, p in peft_model.named_parameters()}
+    unmerged = logits(peft_model, token_ids())
+    peft_model.merge_adapter()
+    assert any(not np.array_equal(p.data, before[n]) for n, p in peft_model.named_parameters())
+    peft_model.unmerge_adapter()
+    for name, p in peft_model.named_parameters():
+        np.testing.assert_allclose(p.data, before[name], rtol=1e-6, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(logits(peft_model, token_ids()), unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_merge_is_idempotent(case):
+    peft_model = make(case).eval()
+    randomize(peft_model)
+    peft_model.merge_adapter()
+    once = {n: p.data.copy() for n, p in peft_model.named_parameters()}
+    peft_model.merge_adapter()
+    for name, p in peft_model.named_parameters():
+        np.testing.assert_array_equal(p.data, once[name], err_msg=name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_save_then_load_into_a_fresh_model_gives_the_same_outputs(case, tmp_path):
+    peft_model = make(case).eval()
+    randomize(peft_model)
+    expected = logits(peft_model, token_ids())
+    peft_model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_model(0, **case.model), tmp_path)
+    np.testing.assert_array_equal(logits(loaded, token_ids()), expected)
+    assert loaded.get_nb_trainable_parameters()[0] == 0  # loaded for inference: frozen, as PEFT
+    trainable = PeftModel.from_pretrained(tiny_model(0, **case.model), tmp_path, is_trainable=True)
+    assert trainable.get_nb_trainable_parameters() == peft_model.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_gradients_equal_finite_differences(case):
+    """float64, on an even smaller model; DoRA's norm held constant, as the method defines it."""
+    peft_model = make(case, dtype=np.float64, size=TINIER)
+    randomize(peft_model)
+    ids = token_ids(batch=2, length=4, vocab=TINIER["vocab_size"])
+    with frozen_dora_norms():
+        assert_grads_match_fd(lambda: weighted_logits(peft_model, ids), group_params(peft_model),
+                              rng=peft_model.rng)
