@@ -5,7 +5,10 @@
 Configurations: the bundled stories260K, and a random model shaped like
 stories15M (hidden 288, intermediate 768, 6 layers, 6 heads, vocab 32000);
 batch 8 × seq 256; LoRA r=8, alpha=16 on all seven projections. Both
-frameworks load the same safetensors weights. Each (framework, model, threads)
+frameworks load the same safetensors weights; the random model is drawn the way
+transformers initialises one, N(0, 0.02²) (larger random weights make the softmax
+produce subnormal floats, which slow PyTorch's CPU matmuls ~25x and would flatter
+minipeft, whose cross-entropy flushes them). Each (framework, model, threads)
 runs in its own process, so thread settings and peak memory are its own; the
 step time is the median of ``--repeats`` steps after one warm-up step. Peak
 RSS is the process's maximum resident memory, imports included (PyTorch's
@@ -36,8 +39,10 @@ def make_model_folders(root: str) -> dict[str, str]:
     folder = os.path.join(root, "stories15m-shape")
     config = mp.LlamaConfig(**STORIES15M)
     model = mp.LlamaForCausalLM(config, rng=np.random.default_rng(0))
-    for p in model.parameters():  # keep activations in a realistic range
-        p.data *= 0.5
+    rng = np.random.default_rng(1)
+    for name, p in model.named_parameters():  # transformers' init: N(0, 0.02²) weights, unit norms
+        if p.ndim == 2:
+            p.data = rng.normal(0.0, 0.02, p.shape).astype(np.float32)
     model.save_pretrained(folder)
     return {"bundled": mp.bundled_model_path(), "stories15m": folder}
 
