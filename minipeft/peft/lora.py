@@ -193,9 +193,9 @@ class LoraLinear(LoraLayer):
         self.lora_A[name].weight, self.lora_B[name].weight = A, B
 
     def lora_branch(self, name, x):
-        """s · (x Aᵀ) Bᵀ: two thin matmuls, ΔW never formed."""
+        """s · (x Aᵀ) Bᵀ: two thin matmuls, ΔW never formed; s scales the thin (…, r) middle."""
         A, B = self.factors(name)
-        return linear(linear(x, A), B) * self.scaling[name]
+        return linear(linear(x, A) * self.scaling[name], B)
 
 
 class LoraEmbedding(LoraLayer):

@@ -6,6 +6,7 @@ fused gradient equals float64 central differences. Shapes are drawn by hypothesi
 """
 from __future__ import annotations
 
+import gc
 import math
 import tracemalloc
 import warnings
@@ -211,12 +212,17 @@ def test_cross_entropy_keeps_float32():
 
 
 def _peak_bytes(fn):
+    """Peak traced bytes allocated while ``fn`` runs (garbage collected before, paused during,
+    so leftovers of earlier tests neither count nor get freed mid-measurement)."""
+    gc.collect()
+    gc.disable()
     tracemalloc.start()
     try:
         fn()
         return tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
+        gc.enable()
 
 
 def test_cross_entropy_memory_is_one_logits_buffer_plus_chunks():

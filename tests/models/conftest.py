@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import minipeft as mp
+from tests.helpers.hf import randomize_hf_weights
 from minipeft.backend import gpu_available
 
 # A tiny LLaMA: 4 query heads over 2 key/value heads (GQA), head_dim 8.
@@ -75,14 +76,7 @@ def _hf_checkpoint(folder, family: str = "llama", dtype: str = "float32", seed: 
     config = config_cls(**{**TINY, **overrides})
     torch.manual_seed(seed)
     model = model_cls(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.2 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    randomize_hf_weights(model, torch)
     model.to(getattr(torch, dtype))
     model.save_pretrained(str(folder), safe_serialization=True)
     return folder

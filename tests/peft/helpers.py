@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import minipeft as mp
+from tests.helpers.hf import randomize_hf_weights
 from minipeft.autograd import no_grad
 from minipeft.backend import to_numpy
 from minipeft.peft import dora
@@ -134,14 +135,7 @@ def hf_checkpoint(folder, seed: int = 0, **overrides):
     config = transformers.LlamaConfig(**{**TINY, **overrides})
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.2 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    randomize_hf_weights(model, torch)
     model.save_pretrained(str(folder), safe_serialization=True)
     return folder
 
