@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 import minipeft as mp
-from minipeft.train import Trainer, TrainingArguments, evaluate, load_datasets
+from minipeft.train import Trainer, TrainingArguments, evaluate
+from story_data import DATA, bundled_model_and_stories
 
-DATA = Path(__file__).parent / "data" / "zoe_stories.jsonl"
 
 
 def sample_stories(model, tok, n=24, seed=0):
@@ -53,10 +53,7 @@ def main():
     p.add_argument("--out", default="runs/lora_zoe")
     args = p.parse_args()
 
-    path = mp.bundled_model_path()
-    tok = mp.Tokenizer.from_pretrained(path)
-    base = mp.LlamaForCausalLM.from_pretrained(path)
-    train, evals = load_datasets(DATA, tok, seq_len=256, eval_fraction=0.1, seed=0)
+    base, tok, train, evals = bundled_model_and_stories()
     print(f"data: {len(train)} train / {len(evals)} eval stories from {DATA.name}")
     before = report("before fine-tuning", base, tok, evals)
 

@@ -7,7 +7,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 import minipeft as mp
 from minipeft.cli import main
@@ -113,3 +112,11 @@ def test_the_lora_example_lowers_eval_loss(tmp_path):
                              progress=False)
     after = Trainer(model, args, train, evals).train()["eval_loss"]
     assert after < before - 0.02, (before, after)
+
+
+def test_resuming_a_finished_run_trains_nothing_and_says_so(capsys, tmp_path):
+    data, out = small_data(tmp_path), tmp_path / "run"
+    assert run(capsys, "train", "--data", data, "--out", out, *TRAIN)[0] == 0
+    code, stdout, err = run(capsys, "train", "--data", data, "--out", out, *TRAIN, "--resume")
+    assert code == 0, err
+    assert "step 4: nothing left to train" in stdout

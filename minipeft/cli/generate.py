@@ -15,6 +15,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="continue a prompt; prints prompt + continuation on stdout")
     add_model_option(p)
     p.add_argument("--adapter", metavar="DIR", default=None, help="a PEFT adapter folder to apply")
+    p.add_argument("--rank", type=int, default=None, metavar="b", help="run a DyLoRA adapter at rank b (<= its r)")
     p.add_argument("--prompt", default="", help="text to continue (empty: start from BOS)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -46,7 +47,9 @@ def run(args) -> int:
     if args.adapter:
         from .merge import load_with_adapter  # noqa: PLC0415 - PEFT only when asked for
 
-        model = load_with_adapter(folder, args.adapter, args.device)
+        model = load_with_adapter(folder, args.adapter, args.device, rank=args.rank)
+    elif args.rank is not None:
+        raise InputError("--rank needs --adapter (a DyLoRA adapter folder)")
     else:
         model = LlamaForCausalLM.from_pretrained(folder, device=args.device)
     tokenizer = Tokenizer.from_pretrained(folder)

@@ -20,17 +20,23 @@ def add_parser(sub) -> None:
     add_model_option(p)
     p.add_argument("--adapter", required=True, metavar="DIR", help="adapter folder (adapter_config.json ...)")
     p.add_argument("--out", required=True, metavar="DIR", help="output model folder")
+    p.add_argument("--rank", type=int, default=None, metavar="b",
+                   help="merge a DyLoRA adapter at rank b: W + (alpha / b) B[:, :b] A[:b]")
     p.set_defaults(run=run)
 
 
-def load_with_adapter(folder: str, adapter: str, device: str = "cpu"):
-    """The base model with the adapter in ``adapter`` loaded on top (inference mode)."""
-    return PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(folder, device=device), adapter)
+def load_with_adapter(folder: str, adapter: str, device: str = "cpu", rank: int | None = None):
+    """The base model with the adapter in ``adapter`` loaded on top (inference mode); ``rank``
+    runs a DyLoRA adapter at that rank."""
+    model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(folder, device=device), adapter)
+    if rank is not None:
+        model.set_rank(rank)
+    return model
 
 
 def run(args) -> int:
     folder = model_folder(args)
-    merged = load_with_adapter(folder, args.adapter, args.device).merge_and_unload()
+    merged = load_with_adapter(folder, args.adapter, args.device, rank=args.rank).merge_and_unload()
     out = Path(args.out)
     merged.save_pretrained(out)
     for name in TOKENIZER_FILES:

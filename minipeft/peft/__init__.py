@@ -10,15 +10,21 @@
 
 Files: config.py (PeftConfig), targeting.py (PEFT's matching rules), base.py (the
 adapter-layer contract, modules_to_save), registry.py (peft_type -> method), one file
-per method (lora.py, dora.py), peft_model.py / adapters.py / saving.py (PeftModel),
-combine.py (add_weighted_adapter).
+per method (lora.py, dora.py, adalora.py, dylora.py, relora.py), peft_model.py / adapters.py / saving.py (PeftModel),
+combine.py (add_weighted_adapter), lorahub.py + es.py (LoRAHub's composition and CMA-ES search).
 """
 from . import registry
+from .adalora import AdaLoraConfig
 from .combine import add_weighted_adapter
 from .config import PeftConfig
+from .dylora import DyLoraConfig
 from .lora import LoraConfig
+from .lorahub import LoraHub, LoraHubConfig
 from .peft_model import PeftModel, get_peft_model
 from .registry import REGISTRY, PeftMethod
+from .relora import ReLoraConfig
 
-__all__ = ["REGISTRY", "LoraConfig", "PeftConfig", "PeftMethod", "PeftModel", "add_weighted_adapter",
+__all__ = ["REGISTRY", "AdaLoraConfig", "LoraConfig", "PeftConfig", "PeftMethod", "PeftModel", "add_weighted_adapter",
            "get_peft_model", "registry"]
+__all__ += ["DyLoraConfig", "ReLoraConfig"]
+__all__ += ["LoraHub", "LoraHubConfig"]

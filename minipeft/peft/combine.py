@@ -100,7 +100,7 @@ def _check(peft_model, adapters, weights, adapter_name, combination_type) -> lis
     if missing:
         raise ValueError(f"adapter(s) {missing} do not exist; adapters: {sorted(peft_model.peft_config)}")
     configs = [peft_model.peft_config[a] for a in adapters]
-    if not all(isinstance(c, LoraConfig) for c in configs):
+    if not all(isinstance(c, LoraConfig) and c.peft_type == "LORA" for c in configs):  # not DyLoRA / ReLoRA
         raise ValueError("add_weighted_adapter combines LoRA adapters only")
     dora = [a for a, c in zip(adapters, configs) if c.use_dora]
     if dora:

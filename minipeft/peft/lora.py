@@ -122,10 +122,15 @@ class LoraLayer(AdapterLayer):
     def adapter_names(self) -> list[str]:
         return list(self.r)
 
+    def active_factors(self, name: str):
+        """(A, B, s): the factors and scaling the forward and ΔW use (DyLoRA truncates them)."""
+        A, B = self.factors(name)
+        return A, B, self.scaling[name]
+
     def delta_ba(self, name: str):
         """ΔW = s · B A, shape (out, in) (for an embedding (dim, num)): the equation, once."""
-        A, B = self.factors(name)
-        return self.scaling[name] * (B.data @ A.data)
+        A, B, s = self.active_factors(name)
+        return s * (B.data @ A.data)
 
     def delta_weight(self, name: str):
         """The update of the stored weight: ΔW for a Linear, ΔWᵀ for an Embedding (num, dim)."""
@@ -194,8 +199,8 @@ class LoraLinear(LoraLayer):
 
     def lora_branch(self, name, x):
         """s · (x Aᵀ) Bᵀ: two thin matmuls, ΔW never formed; s scales the thin (…, r) middle."""
-        A, B = self.factors(name)
-        return linear(linear(x, A) * self.scaling[name], B)
+        A, B, s = self.active_factors(name)
+        return linear(linear(x, A) * s, B)
 
 
 class LoraEmbedding(LoraLayer):
@@ -226,8 +231,8 @@ class LoraEmbedding(LoraLayer):
 
     def lora_branch(self, name, ids):
         """s · A_embᵀ[ids] B_embᵀ: a lookup of r numbers per token, then one thin matmul."""
-        A, B = self.factors(name)
-        return linear(embedding(ops.transpose(A), ids), B) * self.scaling[name]
+        A, B, s = self.active_factors(name)
+        return linear(embedding(ops.transpose(A), ids), B) * s
 
 
 def pissa_factors(base_layer, r: int, s: float):
@@ -243,9 +248,14 @@ def pissa_factors(base_layer, r: int, s: float):
     return A, B
 
 
-def apply(model, config: LoraConfig, rng, adapter_name: str = "default") -> ParameterGroup:
+def apply(model, config: LoraConfig, rng, adapter_name: str = "default", *, classes=None,
+          group_prefix: str = "lora") -> ParameterGroup:
     """Wrap every module ``config`` targets in a LoRA layer (or add an adapter to one already
-    wrapped) and return the new parameters as the group ``lora:<adapter_name>``."""
+    wrapped) and return the new parameters as the group ``<group_prefix>:<adapter_name>``.
+
+    ``classes``: the (Linear, Embedding) layer classes to wrap with, for methods built on
+    LoRA's layers (DyLoRA, ReLoRA); default (LoraLinear, LoraEmbedding)."""
+    linear_cls, embedding_cls = classes or (LoraLinear, LoraEmbedding)
     names = targeting.find_targets(model, config, (Linear, Embedding, LoraLayer), "LoRA")
     holders = parameter_holders(model) if config.init_lora_weights == "pissa" else {}
     for name in names:  # PiSSA rewrites W: refuse a tied W before anything changes
@@ -256,11 +266,11 @@ def apply(model, config: LoraConfig, rng, adapter_name: str = "default") -> Para
     for name in names:
         layer = model.get_submodule(name)
         if not isinstance(layer, LoraLayer):
-            layer = (LoraEmbedding if isinstance(layer, Embedding) else LoraLinear)(layer, rng)
+            layer = (embedding_cls if isinstance(layer, Embedding) else linear_cls)(layer, rng)
             layer.active_adapters = [adapter_name]  # a new layer runs its first adapter (PeftModel may change it)
             model.set_submodule(name, layer)
         r = targeting.pattern_value(config.rank_pattern, name, config.r)
         alpha = targeting.pattern_value(config.alpha_pattern, name, config.lora_alpha)
         layer.update_layer(adapter_name, r, alpha, config, rng)
         params.extend(layer.adapter_state(adapter_name).values())
-    return ParameterGroup(f"lora:{adapter_name}", params)
+    return ParameterGroup(f"{group_prefix}:{adapter_name}", params)

@@ -15,10 +15,11 @@ trainable parameters are returned as explicit groups by :meth:`parameter_groups`
 switching, deleting, disabling and merging adapters is in adapters.py.
 
 Training hooks the trainer calls by name: :meth:`regularizer`,
-:meth:`mask_gradients`, :meth:`on_step_end` (each delegates to the methods of the
-trainable adapters; LoRA has none), and the generator :attr:`rng` that draws
-adapter initialisations and then every dropout mask (save and restore
-``rng.bit_generator.state`` for a bit-identical resume).
+:meth:`mask_gradients`, :meth:`on_step_end`, :meth:`edit_optimizer_state` (each
+delegates to the methods of the trainable adapters; LoRA has none),
+:meth:`load_method_state` (on resume: state a method keeps outside its parameters),
+and the generator :attr:`rng` that draws adapter initialisations and then every
+dropout mask (save and restore ``rng.bit_generator.state`` for a bit-identical resume).
 """
 from __future__ import annotations
 
@@ -150,6 +151,24 @@ class PeftModel(Module):
     def on_step_end(self, step: int) -> None:
         """After the optimizer step: methods with a schedule (AdaLoRA's budget ...) act here."""
         self._call_hooks("on_step_end", step)
+
+    def edit_optimizer_state(self, step: int, optimizer) -> None:
+        """After on_step_end, with the trainer's optimizer: ReLoRA prunes its moments at a restart."""
+        self._call_hooks("edit_optimizer_state", step, optimizer)
+
+    def load_method_state(self, folder) -> None:
+        """Read what ``save_pretrained(folder)`` wrote beyond the parameters (ReLoRA's merged
+        updates, DyLoRA's training rank); the trainer calls it when it resumes a checkpoint."""
+        for name, config in self.peft_config.items():
+            load_extra = registry.get_method(config.peft_type).load_extra
+            if load_extra is not None:
+                load_extra(self, name, saving.adapter_folder(folder, name))
+
+    def set_rank(self, rank: int, adapter_name: str | None = None) -> None:
+        """DyLoRA: evaluate, merge and save the active DyLoRA adapter(s) at rank ``rank``."""
+        from .dylora import set_rank  # noqa: PLC0415 - a DyLoRA-only method
+
+        set_rank(self, rank, adapter_name)
 
     def _call_hooks(self, hook: str, *args) -> list:
         out = []

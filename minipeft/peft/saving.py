@@ -13,6 +13,9 @@ adapter name removed, which each adapter layer spells out in ``adapter_state``:
     base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias       bias="lora_only"
                                                           (bias="all": every bias of the model)
 
+A method may keep files beside these two (the registry's ``save_extra`` / ``load_extra``:
+ReLoRA's ``relora_merged.safetensors``, DyLoRA's ``dylora_state.json``).
+
 As PEFT, an adapter on ``embed_tokens`` / ``lm_head`` also saves that layer's base
 weight (``save_embedding_layers="auto"``, with PEFT's warning); PEFT's further
 "auto" check for a resized vocabulary (which reads the base model's config from
@@ -99,12 +102,19 @@ def save_pretrained(peft_model, folder, selected_adapters=None, save_embedding_l
         out.mkdir(parents=True, exist_ok=True)
         params = {**adapter_parameters(peft_model, name),
                   **embedding_parameters(peft_model, name, save_embedding_layers)}
-        write_safetensors(out / WEIGHTS_NAME, {k: p.data for k, p in params.items()}, metadata={"format": "pt"})
+        tensors = {k: p.data for k, p in params.items()}
+        crop = registry.get_method(peft_model.peft_config[name].peft_type).saved_tensors
+        if crop is not None:  # AdaLoRA writes A, E, B cropped to the ranks its rank_pattern keeps
+            tensors = crop(peft_model, name, tensors)
+        write_safetensors(out / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
         config = peft_model.peft_config[name]
         config = config.replace(inference_mode=True,
                                 base_model_name_or_path=config.base_model_name_or_path or base_name)
         text = json.dumps(config.to_dict(), indent=2, sort_keys=True)
         atomic_write(out / CONFIG_NAME, lambda f, text=text: f.write(text.encode("utf-8")))
+        save_extra = registry.get_method(config.peft_type).save_extra
+        if save_extra is not None:  # e.g. ReLoRA's relora_merged.safetensors
+            save_extra(peft_model, name, out)
 
 
 def read_config(folder):
@@ -134,6 +144,9 @@ def load_weights(peft_model, folder, name: str) -> None:
                 ([f"unexpected keys: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"]
                  if unexpected else [])
         raise CheckpointError(f"adapter file '{path}' does not fit the model: " + " | ".join(parts))
+    load_extra = registry.get_method(peft_model.peft_config[name].peft_type).load_extra
+    if load_extra is not None:  # checks its own files before it changes anything (ReLoRA replays merges)
+        load_extra(peft_model, name, Path(folder))
     for key, array in tensors.items():
         p = expected.get(key, base.get(key))
         p.data = to_device(np.asarray(array, dtype=p.dtype), p.device)

@@ -14,7 +14,7 @@ from .checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoin
 from .data import (ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, Dataset, Example, Record, build_dataset,
                    load_datasets, pack, read_jsonl, split_records, tokenize)
 from .optim import SGD, AdamW, Optimizer, clip_grad_norm, grad_norm
-from .schedules import SCHEDULES, Schedule, constant, cosine, linear
+from .schedules import SCHEDULES, Schedule, constant, cosine, jagged_cosine, linear
 from .arguments import TrainingArguments
 from .trainer import Trainer, TrainingError, evaluate
 
@@ -22,6 +22,6 @@ __all__ = [
     "ALPACA_TEMPLATE", "ALPACA_TEMPLATE_NO_INPUT", "AdamW", "Batch", "BatchLoader", "Dataset", "Example",
     "Optimizer", "Record", "SCHEDULES", "SGD", "Schedule", "Trainer", "TrainingArguments", "TrainingError",
     "build_dataset", "clip_grad_norm", "collate", "constant", "cosine", "evaluate", "find_latest_checkpoint",
-    "grad_norm", "iter_batches", "linear", "list_checkpoints", "load_checkpoint", "load_datasets", "pack",
-    "read_jsonl", "save_checkpoint", "split_records", "tokenize",
+    "grad_norm", "iter_batches", "jagged_cosine", "linear", "list_checkpoints", "load_checkpoint", "load_datasets",
+    "pack", "read_jsonl", "save_checkpoint", "split_records", "tokenize",
 ]

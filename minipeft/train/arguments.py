@@ -23,7 +23,10 @@ class TrainingArguments:
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 0
-    schedule: str = "linear"  # "constant" | "linear" | "cosine"
+    schedule: str = "linear"  # "constant" | "linear" | "cosine" | "jagged_cosine"
+    restart_every: int = 0  # jagged_cosine: the LR restarts every this many steps (ReLoRA's reset_every)
+    restart_warmup_steps: int = 0  # jagged_cosine: the warmup after each restart
+    min_lr_ratio: float = 0.1  # jagged_cosine: the cosine's floor, as a share of lr
     max_grad_norm: float | None = 1.0  # None: no clipping
     optimizer: str = "adamw"  # "adamw" | "sgd"
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -48,7 +51,8 @@ class TrainingArguments:
             fail("output_dir", "a folder path")
         object.__setattr__(self, "output_dir", str(self.output_dir))
         for name, low in (("max_steps", 1), ("batch_size", 1), ("grad_accum_steps", 1), ("warmup_steps", 0),
-                          ("seed", 0), ("eval_every", 0), ("save_every", 0), ("log_every", 1), ("seq_len", 2)):
+                          ("seed", 0), ("eval_every", 0), ("save_every", 0), ("log_every", 1), ("seq_len", 2),
+                          ("restart_every", 0), ("restart_warmup_steps", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 fail(name, f"an integer >= {low}")
@@ -69,6 +73,12 @@ class TrainingArguments:
             fail("max_grad_norm", "None or a finite number > 0")
         if self.schedule not in SCHEDULES:
             fail("schedule", " | ".join(repr(s) for s in SCHEDULES))
+        if self.schedule == "jagged_cosine":
+            if self.restart_every < max(1, self.warmup_steps, self.restart_warmup_steps):
+                fail("restart_every", "an integer >= 1, >= warmup_steps and >= restart_warmup_steps "
+                                      "with schedule='jagged_cosine'")
+            if not (isinstance(self.min_lr_ratio, (int, float)) and 0 <= self.min_lr_ratio <= 1):
+                fail("min_lr_ratio", "a number in [0, 1]")
         if self.optimizer not in ("adamw", "sgd"):
             fail("optimizer", "'adamw' | 'sgd'")
         if len(tuple(self.adam_betas)) != 2 or not all(0 <= b < 1 for b in self.adam_betas):

@@ -20,7 +20,9 @@ deleting cannot leave a partial ``step-M`` behind either.
 
 ``trainable.safetensors`` is what :func:`load_checkpoint` restores from (in place, into
 the model it is given, whatever the model class); ``adapter/`` is for the user: the
-adapter as of that step, loadable with ``PeftModel.from_pretrained``.
+adapter as of that step, loadable with ``PeftModel.from_pretrained`` (a model with
+``load_method_state(folder)`` also reads from it the state a method keeps outside its
+parameters, such as the updates ReLoRA merged into the base weights).
 """
 from __future__ import annotations
 
@@ -188,7 +190,11 @@ def load_checkpoint(folder, *, model, groups, optimizer, schedule, loader) -> di
             raise CheckpointError(f"'{folder / 'trainer_state.json'}': model_rng does not fit "
                                   f"{type(rng.bit_generator).__name__} ({exc})") from None
 
-    # everything checked: now change the model
+    # everything checked: now change the model; first the state a method keeps outside its parameters
+    # (ReLoRA's merged updates, DyLoRA's rank), which checks its own files before it changes anything
+    restore = getattr(model, "load_method_state", None)
+    if callable(restore) and (folder / "adapter").is_dir():
+        restore(folder / "adapter")
     for name, p in named:
         p.data = to_device(np.array(to_numpy(weights[name]), dtype=p.dtype), p.device)
         p.grad = None

@@ -10,6 +10,7 @@ One optimizer update (``step`` = updates already done, 0-based, as the schedule 
     g ← g · min(1, c / (‖g‖ + 1e-6))          (c = max_grad_norm; skipped when None)
     p ← optimizer(p, g, lr = lr_base · schedule(step))
     model.on_step_end(step)       (if the model has it)
+    model.edit_optimizer_state(step, optimizer)   (if the model has it: ReLoRA's pruning)
 
 Accumulation semantics: the update is the mean of the K micro-batch mean losses, so it
 equals one batch of K·B examples exactly when the micro-batches hold equal numbers of
@@ -137,7 +138,8 @@ class Trainer:
         a, model, out = self.args, self.model, Path(self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.optimizer = optimizer = self._optimizer()
-        self.schedule = schedule = Schedule(a.schedule, a.warmup_steps, a.max_steps)
+        self.schedule = schedule = Schedule(a.schedule, a.warmup_steps, a.max_steps, restart_every=a.restart_every,
+                                            restart_warmup_steps=a.restart_warmup_steps, min_lr_ratio=a.min_lr_ratio)
         self.loader = loader = BatchLoader(self.train_data, a.batch_size, np.random.default_rng(a.seed))
         metrics = MetricsLog(out / "metrics.jsonl")
         parts = dict(model=model, groups=self.groups, optimizer=optimizer, schedule=schedule, loader=loader)
@@ -178,6 +180,9 @@ class Trainer:
                 end = _hook(model, "on_step_end")
                 if end:
                     end(step)
+                edit = _hook(model, "edit_optimizer_state")
+                if edit:  # the optimizer is the trainer's: methods that prune its state (ReLoRA) get it here
+                    edit(step, optimizer)
                 self._zero_grad()
                 schedule.advance()
                 step += 1

@@ -17,6 +17,9 @@ from hypothesis import strategies as st
 
 from minipeft.nn import Embedding, Linear
 from minipeft.peft import REGISTRY, LoraConfig, PeftModel, get_peft_model
+from minipeft.peft.adalora import AdaLoraConfig
+from minipeft.peft.dylora import DyLoraConfig
+from minipeft.peft.relora import ReLoraConfig
 from tests.peft.helpers import (
     TINIER,
     assert_grads_match_fd,
@@ -36,6 +39,7 @@ class Case:
     ranks: dict  # last name component of each adapted module -> its rank r
     model: dict = field(default_factory=dict)  # LlamaConfig overrides (e.g. biases)
     identity: bool = True  # does the method promise the base model's output at init?
+    per_rank: int = 0  # parameters per rank beyond in + out (AdaLoRA's singular value E_i: 1)
 
 
 CASES = [
@@ -59,6 +63,22 @@ CASES = [
          {"v_proj": 2}, model={"attention_bias": True}),
     Case("modules_to_save", LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
          {"q_proj": 2}),
+    Case("adalora", AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                  target_modules=["q_proj", "v_proj", "down_proj"]),
+         {"q_proj": 4, "v_proj": 4, "down_proj": 4}, per_rank=1),
+    Case("adalora_dropout_bias", AdaLoraConfig(init_r=3, target_r=1, total_step=5, lora_alpha=6, lora_dropout=0.25,
+                                               bias="lora_only", target_modules=["k_proj", "o_proj"]),
+         {"k_proj": 3, "o_proj": 3}, model={"attention_bias": True}, per_rank=1),
+    # DyLoRA: training runs at the rank apply() drew from [r_min, r]; eval / merge / save at eval_rank
+    Case("dylora", DyLoraConfig(r=4, lora_alpha=8, r_min=2, eval_rank=3, target_modules=["q_proj", "v_proj"]),
+         {"q_proj": 4, "v_proj": 4}),
+    Case("dylora_frozen_embedding", DyLoraConfig(r=3, lora_alpha=6, frozen=True, eval_rank=2,
+                                                 target_modules=["embed_tokens", "o_proj"]),
+         {"embed_tokens": 3, "o_proj": 3}),
+    # ReLoRA rewrites W only at a restart (its on_step_end, after update reset_every + 1, which these tests never
+    # call): with reset_every=1000 > every step count here, "base weights untouched" is its between-restarts promise
+    Case("relora", ReLoraConfig(r=4, lora_alpha=8, reset_every=1000, target_modules=["q_proj", "down_proj"]),
+         {"q_proj": 4, "down_proj": 4}),
 ]
 IDS = [c.id for c in CASES]
 
@@ -77,7 +97,8 @@ def formula_count(base, case: Case) -> int:
         if r is None:
             continue
         if isinstance(module, Linear):
-            total += r * (module.in_features + module.out_features) + config.use_dora * module.out_features
+            total += (r * (module.in_features + module.out_features + case.per_rank)
+                      + config.use_dora * module.out_features)
             if config.bias == "lora_only" and module.bias is not None:
                 total += module.bias.size
         elif isinstance(module, Embedding):
@@ -117,7 +138,8 @@ def test_apply_returns_exactly_the_parameters_it_added_as_its_group(case):
     method = REGISTRY[case.config.peft_type]
     group = method.apply(model, case.config, np.random.default_rng(0), adapter_name="x")
     assert group.name == f"{method.group_prefix}:x"
-    added = [id(p) for p in model.parameters() if id(p) not in before]
+    # frozen bookkeeping a method adds (AdaLoRA's ranknum, as in PEFT) is not trained, so not in the group
+    added = [id(p) for p in model.parameters() if id(p) not in before and p.requires_grad]
     assert sorted(id(p) for p in group.params) == sorted(added) and len(added) == len(set(added))
 
 
@@ -128,7 +150,7 @@ def test_trainable_count_is_the_docstring_formula(case):
     assert peft_model.get_nb_trainable_parameters()[0] == expected
     assert sum(g.num_parameters() for g in peft_model.parameter_groups()) == expected
     names = {g.name.split(":")[0] for g in peft_model.parameter_groups()}
-    assert "lora" in names and ("bias" in names) == (case.config.bias != "none")
+    assert REGISTRY[case.config.peft_type].group_prefix in names and ("bias" in names) == (case.config.bias != "none")
     assert ("modules_to_save" in names) == bool(case.config.modules_to_save)
 
 
