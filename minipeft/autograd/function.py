@@ -51,8 +51,7 @@ class Function:
     @classmethod
     def apply(cls, *inputs, **params):
         """Run the op on tensors (numbers and arrays are wrapped as constants)."""
-        from .tensor import Tensor, is_grad_enabled  # noqa: PLC0415 - circular import
-
+        Tensor = _tensor.Tensor  # noqa: N806 - the class, bound late (tensor.py imports this module)
         xp, dtype = None, None
         for x in inputs:
             if isinstance(x, Tensor):
@@ -65,7 +64,7 @@ class Function:
         fn = cls()
         fn.saved = ()
         fn.needs_input_grad = tuple(t.requires_grad for t in tensors)
-        record = is_grad_enabled() and any(fn.needs_input_grad)
+        record = _tensor.is_grad_enabled() and any(fn.needs_input_grad)
         if not record:
             # Nothing to differentiate: backward will never run, so ops may skip saving.
             fn.needs_input_grad = (False,) * len(tensors)
@@ -82,3 +81,8 @@ def _constant(value, xp, dtype):
     if isinstance(value, (bool, int, float)):
         return xp.asarray(value, dtype=dtype)
     return xp.asarray(value)
+
+
+# At the end: tensor.py imports this module first, so this binds the (partly loaded) module
+# object once instead of importing on every op call.
+from . import tensor as _tensor  # noqa: E402

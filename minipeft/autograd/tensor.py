@@ -226,9 +226,7 @@ _FREED = _Freed()
 
 
 def _ops():
-    from . import ops  # noqa: PLC0415
-
-    return ops
+    return _ops_module
 
 
 def _reverse_topological_order(root: Tensor) -> list[Tensor]:
@@ -255,3 +253,7 @@ def _reverse_topological_order(root: Tensor) -> list[Tensor]:
 def as_tensor(value) -> Tensor:
     """Return ``value`` if it is a Tensor, else a constant Tensor wrapping it."""
     return value if isinstance(value, Tensor) else Tensor(value)
+
+
+# The operators above call ops.py, which imports this module: bind it once, at the end.
+from . import ops as _ops_module  # noqa: E402

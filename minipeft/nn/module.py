@@ -134,8 +134,9 @@ class Module:
 
     @property
     def device(self) -> str:
-        params = self.parameters()
-        return params[0].device if params else "cpu"
+        """Where the first parameter lives (all of them, after ``to``); stops at the first."""
+        first = next(self.named_parameters(), None)
+        return first[1].device if first else "cpu"
 
     # ----- state -----------------------------------------------------------------
     def state_dict(self) -> dict[str, np.ndarray]:
