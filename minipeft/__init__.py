@@ -11,14 +11,14 @@
 from . import peft, train
 from .autograd import Tensor, no_grad
 from .data import bundled_model_path
-from .errors import CheckpointError, ConfigError, DataError, InputError, MiniPeftError
+from .errors import CheckpointError, ConfigError, DataError, DeviceError, InputError, MiniPeftError
 from .io.tokenizer import Tokenizer
 from .models import KVCache, LlamaConfig, LlamaForCausalLM
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "CheckpointError", "ConfigError", "DataError", "InputError", "KVCache", "LlamaConfig",
+    "CheckpointError", "ConfigError", "DataError", "DeviceError", "InputError", "KVCache", "LlamaConfig",
     "LlamaForCausalLM", "MiniPeftError", "Tensor", "Tokenizer", "bundled_model_path", "no_grad", "peft",
     "train",
 ]

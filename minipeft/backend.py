@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputError
+from .errors import DeviceError, InputError
 
 CPU = "cpu"
 CUDA = "cuda"
@@ -33,7 +33,7 @@ def _import_cupy():
         try:
             import cupy  # noqa: PLC0415 - the one import of cupy in the project
         except ImportError as exc:  # pragma: no cover - depends on the machine
-            raise RuntimeError(
+            raise DeviceError(
                 "device 'cuda' needs CuPy: pip install 'minipeft[gpu]' (cupy-cuda12x)"
             ) from exc
         _cupy = cupy
@@ -56,7 +56,7 @@ def normalize_device(device: str) -> str:
         return CPU
     if name in ("cuda", "gpu") or name.startswith("cuda:"):
         return CUDA
-    raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'cuda'")
+    raise DeviceError(f"unknown device {device!r}: expected 'cpu' or 'cuda'")
 
 
 def get_array_module(*arrays):

@@ -25,3 +25,7 @@ class DataError(MiniPeftError, ValueError):
 
 class InputError(MiniPeftError, ValueError):
     """Arguments passed to the model are malformed (for example token ids out of range)."""
+
+
+class DeviceError(MiniPeftError, ValueError):
+    """The requested device cannot be used (an unknown name, or CuPy / a GPU missing)."""

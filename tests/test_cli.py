@@ -118,3 +118,11 @@ def test_python_dash_m_generate(tmp_path):
     assert len(lines) == 1 and lines[0]
     assert GOLDEN.read_text(encoding="utf-8").startswith(lines[0])
     assert "tokens/s" in result.stderr
+
+
+@pytest.mark.skipif(mp.backend.gpu_available(), reason="a GPU with CuPy is present: 'cuda' works here")
+def test_unusable_devices_are_one_line_errors(capsys):
+    for device, words in (("tpu", "unknown device 'tpu'"), ("cuda", "needs CuPy")):
+        code, out, err = run(capsys, "generate", "--device", device, "--max-new-tokens", "2")
+        assert code == 1 and out == ""
+        assert err.startswith("minipeft: error:") and words in err and err.count("\n") == 1
