@@ -1,4 +1,4 @@
-"""Teach the bundled story model a new heroine with LoRA, on the CPU, in about two minutes.
+"""Teach the bundled story model a new heroine with LoRA, on the CPU, in about a minute.
 
 stories260K (a 260K-parameter LLaMA trained on TinyStories) calls almost every
 heroine "Lily". examples/data/zoe_stories.jsonl holds 240 stories sampled from
