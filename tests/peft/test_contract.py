@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from minipeft.backend import to_numpy
 from minipeft.nn import Embedding, Linear
 from minipeft.peft import REGISTRY, LoraConfig, PeftModel, get_peft_model
 from minipeft.peft.adalora import AdaLoraConfig
@@ -240,3 +241,29 @@ def test_gradients_equal_finite_differences(case):
     with frozen_dora_norms():
         assert_grads_match_fd(lambda: weighted_logits(peft_model, ids), group_params(peft_model),
                               rng=peft_model.rng)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_core_promises_hold_on_every_backend(case, backend):
+    """Gradients only in the groups, base weights untouched by a step, merged == unmerged —
+    with the model on the backend under test (CuPy where a GPU is present)."""
+    peft_model = make(case)
+    randomize(peft_model)
+    peft_model.to(backend.device)
+    ids, labels = token_ids(), token_ids(2)
+    snapshot = {n: to_numpy(p.data).copy() for n, p in peft_model.named_parameters()}
+    peft_model.train()
+    peft_model(ids, labels=labels).loss.backward()
+    trained = {id(p) for p in group_params(peft_model)}
+    assert {id(p) for p in peft_model.parameters() if p.grad is not None} == trained
+    for p in group_params(peft_model):
+        p.data = p.data - 0.1 * p.grad
+    for name, p in peft_model.named_parameters():
+        if id(p) not in trained:
+            np.testing.assert_array_equal(to_numpy(p.data), snapshot[name], err_msg=f"{name} changed")
+    peft_model.zero_grad()
+    peft_model.eval()
+    unmerged = logits(peft_model, ids)
+    peft_model.merge_adapter()
+    merged = logits(peft_model, ids)
+    np.testing.assert_allclose(merged, unmerged, rtol=1e-5, atol=1e-5 * np.abs(unmerged).max())
