@@ -1,6 +1,16 @@
 import sys, pathlib; sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+import os  # noqa: E402
+
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# No per-example deadline: a loaded 2-core CI machine must not turn slow examples into
+# failures. In CI (CI=true) examples are derandomized, so a run is repeatable; local runs
+# keep exploring new examples.
+settings.register_profile("local", deadline=None, print_blob=True)
+settings.register_profile("ci", deadline=None, print_blob=True, derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") else "local")
 
 
 @pytest.fixture(params=["numpy", "cupy"], scope="session")
