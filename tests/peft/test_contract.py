@@ -130,6 +130,8 @@ def test_identity_at_init(case, seed):
     after = logits(peft_model, ids)
     if case.identity:
         np.testing.assert_array_equal(after, before)
+    else:  # a method that does not start as the identity must change the outputs at init
+        assert not np.array_equal(after, before)
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
