@@ -6,7 +6,7 @@
   with ``model.safetensors.index.json``; JSON files with clear errors.
 * :mod:`.tokenizer` - :class:`Tokenizer`, text <-> ids over HF ``tokenizers``.
 """
-from .checkpoint import load_model_tensors, read_json, save_model_tensors
+from .checkpoint import load_model_tensors, read_json, save_model_tensors, write_json
 from .safetensors import (
     TensorInfo,
     atomic_write,
@@ -25,5 +25,6 @@ __all__ = [
     "read_safetensors",
     "read_safetensors_header",
     "save_model_tensors",
+    "write_json",
     "write_safetensors",
 ]

@@ -29,6 +29,13 @@ INDEX_NAME = "model.safetensors.index.json"
 _SHARD_RE = re.compile(r"model-\d{5}-of-(\d{5})\.safetensors")
 
 
+def write_json(path, data, *, indent: int = 2, sort_keys: bool = False, default=None, end: str = "\n") -> None:
+    """Write ``data`` as UTF-8 JSON atomically: the one JSON writer (``end=""`` for PEFT's
+    exact bytes, which have no final newline)."""
+    text = json.dumps(data, indent=indent, sort_keys=sort_keys, default=default) + end
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
 def read_json(path, what: str, error: type[MiniPeftError] = CheckpointError) -> dict:
     """Load a JSON file that must hold an object, e.g. ``read_json(p, "model config")``.
 
@@ -192,6 +199,5 @@ def save_model_tensors(folder, tensors: dict, max_shard_bytes: int | None = None
         written.add(name)
     index = {"metadata": {"total_size": total},
              "weight_map": {k: weight_map[k] for k in sorted(weight_map)}}
-    text = json.dumps(index, indent=2) + "\n"
-    atomic_write(folder / INDEX_NAME, lambda f: f.write(text.encode("utf-8")))
+    write_json(folder / INDEX_NAME, index)
     _remove([folder / WEIGHTS_NAME, *(p for p in old_shards if p.name not in written)])

@@ -8,14 +8,12 @@ Weights stored as F16 or BF16 are converted to float32 (the compute dtype).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CheckpointError
-from ..io.checkpoint import load_model_tensors, read_json, save_model_tensors
-from ..io.safetensors import atomic_write
+from ..io.checkpoint import load_model_tensors, read_json, save_model_tensors, write_json
 from .config import LlamaConfig
 
 # Keys some checkpoints carry that are not weights: recomputed buffers.
@@ -60,12 +58,8 @@ def save_pretrained(model, folder, dtype=None, max_shard_bytes: int | None = Non
     # "dtype" kept from the loaded config.json cannot contradict the weights written here.
     name = np.dtype(dtype or np.float32).name  # float32, float16 or bfloat16
     config["dtype"] = config["torch_dtype"] = name
-    _write_json(folder / "config.json", config)
+    write_json(folder / "config.json", config, sort_keys=True)
     if model.generation_config:
-        _write_json(folder / "generation_config.json", model.generation_config)
+        write_json(folder / "generation_config.json", model.generation_config, sort_keys=True)
     save_model_tensors(folder, tensors, max_shard_bytes=max_shard_bytes)
 
-
-def _write_json(path: Path, data: dict) -> None:
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode("utf-8")))

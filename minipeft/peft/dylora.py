@@ -44,12 +44,11 @@ authors' code does not do.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import ClassVar
 
 from ..errors import CheckpointError, ConfigError
-from ..io import atomic_write, read_json
+from ..io import read_json, write_json
 from . import lora
 from .config import _is_int
 from .lora import LoraConfig, LoraEmbedding, LoraLinear
@@ -189,8 +188,7 @@ def set_rank(peft_model, rank: int, adapter_name: str | None = None) -> None:
 # ----- state beyond the parameters: the rank of the next training step -----------------------
 def save_extra(peft_model, name: str, folder) -> None:
     layers = adapter_layers(peft_model, name)
-    text = json.dumps({"train_rank": layers[0].train_rank[name]}, indent=2) + "\n"
-    atomic_write(folder / STATE_NAME, lambda f: f.write(text.encode("utf-8")))
+    write_json(folder / STATE_NAME, {"train_rank": layers[0].train_rank[name]})
 
 
 def load_extra(peft_model, name: str, folder) -> None:

@@ -26,7 +26,6 @@ check passes.
 """
 from __future__ import annotations
 
-import json
 import re
 import warnings
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 
 from ..backend import to_device
 from ..errors import CheckpointError, ConfigError
-from ..io import atomic_write, read_json, read_safetensors, write_safetensors
+from ..io import read_json, read_safetensors, write_json, write_safetensors
 from . import registry
 from .base import AdapterLayer, ModulesToSaveWrapper
 
@@ -110,8 +109,7 @@ def save_pretrained(peft_model, folder, selected_adapters=None, save_embedding_l
         config = peft_model.peft_config[name]
         config = config.replace(inference_mode=True,
                                 base_model_name_or_path=config.base_model_name_or_path or base_name)
-        text = json.dumps(config.to_dict(), indent=2, sort_keys=True)
-        atomic_write(out / CONFIG_NAME, lambda f, text=text: f.write(text.encode("utf-8")))
+        write_json(out / CONFIG_NAME, config.to_dict(), sort_keys=True, end="")  # as PEFT writes it
         save_extra = registry.get_method(config.peft_type).save_extra
         if save_extra is not None:  # e.g. ReLoRA's relora_merged.safetensors
             save_extra(peft_model, name, out)

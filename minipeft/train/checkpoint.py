@@ -27,7 +27,6 @@ parameters, such as the updates ReLoRA merged into the base weights).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import secrets
@@ -38,7 +37,7 @@ import numpy as np
 
 from ..backend import to_device, to_numpy
 from ..errors import CheckpointError
-from ..io.checkpoint import read_json
+from ..io.checkpoint import read_json, write_json
 from ..io.safetensors import atomic_write, read_safetensors, write_safetensors
 
 FORMAT = 1
@@ -55,8 +54,7 @@ def _jsonable(obj):
 
 
 def _write_json(path: Path, obj) -> None:
-    data = (json.dumps(obj, indent=1, sort_keys=True, default=_jsonable) + "\n").encode("utf-8")
-    atomic_write(path, lambda f: f.write(data))
+    write_json(path, obj, indent=1, sort_keys=True, default=_jsonable)
 
 
 def _param_names(model, groups) -> list[tuple[str, object]]:
