@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 
 import minipeft as mp
-from minipeft.peft import adalora_plot
+from minipeft.peft.lowrank import adalora_plot
 from minipeft.train import Trainer, TrainingArguments, evaluate
 from story_data import DATA, bundled_model_and_stories
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import minipeft as mp
 from minipeft.train import Trainer, TrainingArguments, evaluate
-from minipeft.train.rank_sweep import format_rank_table, loss_per_rank
+from minipeft.peft.lowrank.dylora import format_rank_table, loss_per_rank
 from story_data import bundled_model_and_stories
 
 
@@ -51,7 +51,7 @@ def main():
     model.save_pretrained(Path(args.out) / "adapter")
 
     print("\neval loss of the one trained adapter at each rank b (scale alpha / b):")
-    print(format_rank_table(loss_per_rank(model, evals, range(1, 9))))
+    print(format_rank_table(loss_per_rank(model, lambda m: evaluate(m, evals)["eval_loss"], range(1, 9))))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 import minipeft as mp
-from minipeft.peft.lorahub import LoraHub, LoraHubConfig
+from minipeft.peft.lowrank.lorahub import LoraHub, LoraHubConfig
 from minipeft.train import Trainer, TrainingArguments, build_dataset, evaluate, read_jsonl
 
 DATA = Path(__file__).parent / "data"

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import minipeft as mp
-from minipeft.peft.relora import accumulated_delta_rank, is_restart
+from minipeft.peft.lowrank.relora import accumulated_delta_rank, is_restart
 from minipeft.train import Trainer, TrainingArguments, evaluate
 from story_data import bundled_model_and_stories
 

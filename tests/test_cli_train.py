@@ -37,18 +37,18 @@ def test_train_merge_generate(capsys, tmp_path):
     code, stdout, err = run(capsys, "train", "--data", data, "--out", out, "--method", "lora", *TRAIN)
     assert code == 0, err
     assert "trainable params:" in err and "trainable params:" not in stdout
-    assert "eval loss" in stdout and f"adapter: {out / 'adapter'}" in stdout
-    assert (out / "adapter" / "adapter_config.json").exists()
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert "eval loss" in stdout and f"adapter: {out}" in stdout
+    assert (out / "adapter_config.json").exists()
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA"
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("eval_loss" in e for e in events)
 
-    code, stdout, err = run(capsys, "generate", "--adapter", out / "adapter", "--prompt", "Once", "--max-new-tokens", 8)
+    code, stdout, err = run(capsys, "generate", "--adapter", out, "--prompt", "Once", "--max-new-tokens", 8)
     assert code == 0 and stdout.startswith("Once")
     adapted = stdout
 
     merged = tmp_path / "merged"
-    code, stdout, err = run(capsys, "merge", "--adapter", out / "adapter", "--out", merged)
+    code, stdout, err = run(capsys, "merge", "--adapter", out, "--out", merged)
     assert code == 0, err
     assert (merged / "tokenizer.json").exists() and (merged / "model.safetensors").exists()
     code, stdout, err = run(capsys, "generate", "--model", merged, "--prompt", "Once", "--max-new-tokens", 8)
@@ -59,7 +59,7 @@ def test_dora_trains_and_saves_magnitude(capsys, tmp_path):
     data, out = small_data(tmp_path), tmp_path / "run"
     code, _, err = run(capsys, "train", "--data", data, "--out", out, "--method", "dora", *TRAIN)
     assert code == 0, err
-    tensors = read_safetensors(out / "adapter" / "adapter_model.safetensors")
+    tensors = read_safetensors(out / "adapter_model.safetensors")
     assert any(k.endswith("lora_magnitude_vector") for k in tensors)
 
 
@@ -70,12 +70,12 @@ def test_resume_through_the_cli_equals_one_run(capsys, tmp_path):
     # An interrupted run: the same command, stopped after its step-2 checkpoint.
     assert run(capsys, "train", "--data", data, "--out", split, *TRAIN)[0] == 0
     shutil.rmtree(split / "step-4")
-    shutil.rmtree(split / "adapter")
-    (split / "latest").unlink()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "latest"):  # the interrupted run's ends
+        (split / name).unlink()
     code, _, err = run(capsys, "train", "--data", data, "--out", split, *TRAIN, "--resume")
     assert code == 0, err
-    a = read_safetensors(whole / "adapter" / "adapter_model.safetensors")
-    b = read_safetensors(split / "adapter" / "adapter_model.safetensors")
+    a = read_safetensors(whole / "adapter_model.safetensors")
+    b = read_safetensors(split / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)

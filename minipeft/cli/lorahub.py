@@ -12,7 +12,7 @@ import numpy as np
 
 from ..io.tokenizer import Tokenizer
 from ..models import LlamaForCausalLM
-from ..peft.lorahub import LoraHub, LoraHubConfig
+from ..peft.lowrank.lorahub import LoraHub, LoraHubConfig
 from ..train import build_dataset, evaluate, read_jsonl
 from .common import add_model_option, model_folder, say
 

@@ -4,7 +4,9 @@ Each layer's keys and values after RoPE are kept in buffers preallocated to the
 full length of the generation, shape (B, Hkv, capacity, Dh), so a decoding step
 writes one position and reads a view — no reallocation per token. The cache
 holds constants: it serves inference (``no_grad``); with gradients enabled the
-new keys and values are joined to the cached ones with a differentiable concat.
+new keys and values are joined to the cached ones with a differentiable concat, and a
+cache that was given trainable entries (prefix tuning's keys and values, written first)
+keeps them in the graph, so the loss reaches them.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ class KVCache:
         self.keys = [None] * num_layers
         self.values = [None] * num_layers
         self.length = 0  # positions already stored (all layers agree)
+        self.graph = [None] * num_layers  # per layer: (K, V) Tensors while gradients flow through the cache
 
     def reserve(self, batch, kv_heads, capacity, head_dim, dtype, xp):
         """Allocate buffers for ``capacity`` positions (called once before decoding)."""
@@ -33,8 +36,15 @@ class KVCache:
         past_k, past_v = self.keys[layer][:, :, :start], self.values[layer][:, :, :start]
         self.keys[layer][:, :, start:end] = k.data
         self.values[layer][:, :, start:end] = v.data
-        if is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            return ops.concat([Tensor(past_k), k], axis=2), ops.concat([Tensor(past_v), v], axis=2)
+        held = self.graph[layer]
+        if is_grad_enabled() and (k.requires_grad or v.requires_grad or held is not None):
+            if start == 0:
+                full = (k, v)
+            else:
+                past = held if held is not None else (Tensor(past_k), Tensor(past_v))
+                full = (ops.concat([past[0], k], axis=2), ops.concat([past[1], v], axis=2))
+            self.graph[layer] = full
+            return full
         return Tensor(self.keys[layer][:, :, :end]), Tensor(self.values[layer][:, :, :end])
 
     def advance(self, steps: int) -> None:

@@ -69,6 +69,18 @@ class LlamaMLP(Module):
 
 
 class LlamaDecoderLayer(Module):
+    """h ← h + Attn(RMSNorm(h)); h ← h + MLP(RMSNorm(h)).
+
+    The two residual joins are attachment points: a module set as ``attention_adapters``
+    (after attention, o_proj included) or ``output_adapters`` (after the MLP) is called as
+    ``join(f, h)`` with the sublayer output f and the residual stream h, and returns the
+    new stream in place of h + f (bottleneck adapters, AdapterFusion; the names are the
+    ``adapters`` library's). Unset (the class default None), the join is h + f.
+    """
+
+    attention_adapters: Module | None = None
+    output_adapters: Module | None = None
+
     def __init__(self, config: LlamaConfig, layer_index: int, rng=None):
         self.self_attn = LlamaAttention(config, layer_index, rng)
         self.mlp = LlamaMLP(config, rng)
@@ -76,8 +88,10 @@ class LlamaDecoderLayer(Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, h, cos, sin, key_padding_mask=None, cache=None):
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, key_padding_mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        f = self.self_attn(self.input_layernorm(h), cos, sin, key_padding_mask, cache)
+        h = h + f if self.attention_adapters is None else self.attention_adapters(f, h)
+        f = self.mlp(self.post_attention_layernorm(h))
+        return h + f if self.output_adapters is None else self.output_adapters(f, h)
 
 
 class LlamaModel(Module):
@@ -143,6 +157,11 @@ class LlamaForCausalLM(Module):
         if labels is not None:
             loss = cross_entropy(logits, to_device(shift_labels(_as_id_array(labels, "labels")), device))
         return CausalLMOutput(logits=logits, loss=loss, cache=cache)
+
+    def input_embeddings(self, input_ids) -> Tensor:
+        """E[ids], (B, T, hidden), for ids (B, T) checked as forward checks them (prompt tuning
+        puts its virtual tokens in front of these)."""
+        return self.model.embed_tokens(to_device(_as_id_array(input_ids, "input_ids"), self.device))
 
     def generate(self, input_ids, **kwargs) -> np.ndarray:
         """Continue each row of ``input_ids``; see :func:`minipeft.models.generation.generate`."""

@@ -8,23 +8,26 @@
     again = mp.peft.PeftModel.from_pretrained(mp.LlamaForCausalLM.from_pretrained(path), "adapter/")
     merged = again.merge_and_unload()              # a plain LlamaForCausalLM again
 
-Files: config.py (PeftConfig), targeting.py (PEFT's matching rules), base.py (the
-adapter-layer contract, modules_to_save), registry.py (peft_type -> method), one file
-per method (lora.py, dora.py, adalora.py, dylora.py, relora.py), peft_model.py / adapters.py / saving.py (PeftModel),
-combine.py (add_weighted_adapter), lorahub.py + es.py (LoRAHub's composition and CMA-ES search).
+The folders follow the survey's taxonomy (DESIGN.md):
+* core/      the shared machinery: configs (config.py), the method table (registry.py, rows
+             of method.py's PeftMethod: every attachment point), the adapter-holder contract
+             (base.py), PEFT's targeting rules (targeting.py), PeftModel (peft_model.py,
+             adapters.py), files (saving.py, names.py);
+* lowrank/   LoRA (+ rsLoRA, PiSSA), DoRA, AdaLoRA (+ its allocator and plot), DyLoRA, ReLoRA,
+             add_weighted_adapter (combine.py), LoRAHub (lorahub.py, CMA-ES in es.py);
+* additive/  methods that add parameters: at the input, inside the model, at the output.
 """
-from . import registry
-from .adalora import AdaLoraConfig
-from .combine import add_weighted_adapter
-from .config import PeftConfig
-from .dylora import DyLoraConfig
-from .lora import LoraConfig
-from .lorahub import LoraHub, LoraHubConfig
-from .peft_model import PeftModel, get_peft_model
-from .registry import REGISTRY, PeftMethod
-from .relora import ReLoraConfig
+from .core import registry
+from .core.config import BaseConfig, PeftConfig
+from .core.peft_model import PeftModel, get_peft_model
+from .core.registry import METHODS, REGISTRY, PeftMethod
+from .lowrank.adalora import AdaLoraConfig
+from .lowrank.combine import add_weighted_adapter
+from .lowrank.dylora import DyLoraConfig
+from .lowrank.lora import LoraConfig
+from .lowrank.lorahub import LoraHub, LoraHubConfig
+from .lowrank.relora import ReLoraConfig
 
-__all__ = ["REGISTRY", "AdaLoraConfig", "LoraConfig", "PeftConfig", "PeftMethod", "PeftModel", "add_weighted_adapter",
+__all__ = ["METHODS", "REGISTRY", "AdaLoraConfig", "BaseConfig", "DyLoraConfig", "LoraConfig", "LoraHub",
+           "LoraHubConfig", "PeftConfig", "PeftMethod", "PeftModel", "ReLoraConfig", "add_weighted_adapter",
            "get_peft_model", "registry"]
-__all__ += ["DyLoraConfig", "ReLoraConfig"]
-__all__ += ["LoraHub", "LoraHubConfig"]

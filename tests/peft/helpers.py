@@ -16,7 +16,7 @@ import minipeft as mp
 from tests.helpers.hf import randomize_hf_weights
 from minipeft.autograd import no_grad
 from minipeft.backend import to_numpy
-from minipeft.peft import dora
+from minipeft.peft.lowrank import dora
 from tests.helpers.gradcheck import numerical_gradient, weighted_sum
 
 # A tiny LLaMA (4 query heads over 2 key/value heads, head_dim 8), and a tinier one for

@@ -21,9 +21,9 @@ from minipeft.cli import main
 from minipeft.errors import ConfigError
 from minipeft.io import read_safetensors
 from minipeft.peft import PeftModel, get_peft_model
-from minipeft.peft import adalora_allocator as allocator
-from minipeft.peft import adalora_plot
-from minipeft.peft.adalora import AdaLoraConfig, AdaLoraLayer
+from minipeft.peft.lowrank import adalora_allocator as allocator
+from minipeft.peft.lowrank import adalora_plot
+from minipeft.peft.lowrank.adalora import AdaLoraConfig, AdaLoraLayer
 from minipeft.train import Trainer, TrainingArguments
 from minipeft.train.data import Dataset, Example
 from minipeft.train.optim import AdamW
@@ -350,7 +350,7 @@ def test_cli_trains_adalora_and_reports_the_ranks(capsys, tmp_path):
         assert main([str(a) for a in argv]) == 0
     stdout = capsys.readouterr().out
     assert "total rank 20 over 10 modules (mean 2.00)" in stdout  # 5 layers x q, v at target_r 2
-    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "ADALORA" and config["total_step"] == 5 and config["rank_pattern"]
     assert (out / "adalora_ranks.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 

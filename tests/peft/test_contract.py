@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 from minipeft.backend import to_numpy
 from minipeft.nn import Embedding, Linear
 from minipeft.peft import REGISTRY, LoraConfig, PeftModel, get_peft_model
-from minipeft.peft.adalora import AdaLoraConfig
-from minipeft.peft.dylora import DyLoraConfig
-from minipeft.peft.relora import ReLoraConfig
+from minipeft.peft.lowrank.adalora import AdaLoraConfig
+from minipeft.peft.lowrank.dylora import DyLoraConfig
+from minipeft.peft.lowrank.relora import ReLoraConfig
 from tests.peft.helpers import (
     TINIER,
     assert_grads_match_fd,

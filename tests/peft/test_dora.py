@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from minipeft.autograd import Tensor, no_grad
 from minipeft.io import read_safetensors
-from minipeft.peft import LoraConfig, dora, get_peft_model
+from minipeft.peft import LoraConfig, get_peft_model
+from minipeft.peft.lowrank import dora
 from tests.helpers.gradcheck import weighted_sum
 from tests.peft.helpers import assert_grads_match_fd, frozen_dora_norms, logits, randomize, tiny_model, token_ids
 from tests.peft.test_lora import adapted_block

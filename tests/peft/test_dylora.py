@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minipeft.peft import DyLoraConfig, LoraConfig, PeftModel, get_peft_model
-from minipeft.peft.dylora import adapter_layers
-from minipeft.train import Trainer, TrainingArguments, build_dataset
+from minipeft.peft.lowrank.dylora import adapter_layers
+from minipeft.train import Trainer, TrainingArguments, build_dataset, evaluate
 from minipeft.train.data import Record
-from minipeft.train.rank_sweep import format_rank_table, loss_per_rank
+from minipeft.peft.lowrank.dylora import format_rank_table, loss_per_rank
 from tests.peft.helpers import logits, randomize, tiny_model, token_ids
 from tests.test_cli_train import TRAIN, run, small_data
 from tests.train.train_helpers import CharTokenizer
@@ -143,7 +143,7 @@ def test_loss_per_rank_restores_the_eval_rank():
     model = dylora()
     data = build_dataset([Record("", "abcabc" * 3, f"m{i}") for i in range(3)], CharTokenizer(), 24)
     config = model.peft_config["default"]
-    losses = loss_per_rank(model, data, range(1, 7))
+    losses = loss_per_rank(model, lambda m: evaluate(m, data)["eval_loss"], range(1, 7))
     assert sorted(losses) == [1, 2, 3, 4, 5, 6] and len(set(losses.values())) == 6
     assert model.peft_config["default"] is config
     assert {layer.eval_rank["default"] for layer in adapter_layers(model, "default")} == {6}
@@ -195,14 +195,14 @@ def test_cli_train_table_and_rank_on_generate_and_merge(capsys, tmp_path):
     assert code == 0, err
     table = stdout.splitlines()[-5:]
     assert table[0].split()[0] == "rank" and [int(line.split()[0]) for line in table[1:]] == [1, 2, 3, 4]
-    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "DYLORA" and config["frozen"] is True and config["r"] == 4
     prompt = ("--prompt", "Once", "--max-new-tokens", 8)
-    code, at2, err = run(capsys, "generate", "--adapter", out / "adapter", "--rank", 2, *prompt)
+    code, at2, err = run(capsys, "generate", "--adapter", out, "--rank", 2, *prompt)
     assert code == 0, err
-    code, stdout, err = run(capsys, "merge", "--adapter", out / "adapter", "--rank", 2, "--out", tmp_path / "m")
+    code, stdout, err = run(capsys, "merge", "--adapter", out, "--rank", 2, "--out", tmp_path / "m")
     assert code == 0, err
     code, merged, err = run(capsys, "generate", "--model", tmp_path / "m", *prompt)
     assert code == 0 and merged == at2  # the merged model is the adapter at rank 2
-    code, _, err = run(capsys, "merge", "--adapter", out / "adapter", "--rank", 9, "--out", tmp_path / "m9")
+    code, _, err = run(capsys, "merge", "--adapter", out, "--rank", 9, "--out", tmp_path / "m9")
     assert code == 1 and "rank must be an integer in [1, 4]" in err

@@ -14,8 +14,9 @@ import minipeft as mp
 from minipeft.autograd import Tensor, no_grad
 from minipeft.errors import ConfigError
 from minipeft.nn import Linear, Module
-from minipeft.peft import REGISTRY, LoraConfig, PeftModel, get_peft_model, lora, registry
-from minipeft.peft.base import AdapterLayer
+from minipeft.peft import REGISTRY, LoraConfig, PeftModel, get_peft_model, registry
+from minipeft.peft.lowrank import lora
+from minipeft.peft.core.base import AdapterLayer
 from tests.peft.helpers import logits, printed, randomize, tiny_model, token_ids
 
 

@@ -16,8 +16,9 @@ import minipeft as mp
 from minipeft.autograd import is_grad_enabled
 from minipeft.cli import main
 from minipeft.errors import ConfigError
-from minipeft.peft import LoraConfig, PeftModel, es, get_peft_model
-from minipeft.peft.lorahub import LoraHub, LoraHubConfig
+from minipeft.peft import LoraConfig, PeftModel, get_peft_model
+from minipeft.peft.lowrank import es
+from minipeft.peft.lowrank.lorahub import LoraHub, LoraHubConfig
 from tests.peft.helpers import hf_checkpoint, hf_model, import_oracles, logits, randomize, tiny_model, token_ids
 
 TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
@@ -291,9 +292,9 @@ def test_cli_lorahub_prints_the_weights_and_losses_and_writes_an_adapter_generat
 def test_dylora_and_relora_sources_are_refused():
     """Their A, B alone are not the adapter (a rank to truncate to; merges at restarts)."""
     from minipeft.errors import ConfigError
-    from minipeft.peft.dylora import DyLoraConfig
-    from minipeft.peft.lorahub import _check_sources
-    from minipeft.peft.relora import ReLoraConfig
+    from minipeft.peft.lowrank.dylora import DyLoraConfig
+    from minipeft.peft.lowrank.lorahub import _check_sources
+    from minipeft.peft.lowrank.relora import ReLoraConfig
 
     for config in (DyLoraConfig(r=4, target_modules=["q_proj"]), ReLoraConfig(r=4, target_modules=["q_proj"])):
         base = mp.LlamaForCausalLM(mp.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24,

@@ -17,8 +17,8 @@ peft = pytest.importorskip("peft", reason="peft not installed (Hugging Face PEFT
 
 import minipeft as mp  # noqa: E402
 from minipeft.peft import PeftModel, get_peft_model  # noqa: E402
-from minipeft.peft import adalora_allocator as allocator  # noqa: E402
-from minipeft.peft.adalora import AdaLoraConfig  # noqa: E402
+from minipeft.peft.lowrank import adalora_allocator as allocator  # noqa: E402
+from minipeft.peft.lowrank.adalora import AdaLoraConfig  # noqa: E402
 from minipeft.train.optim import AdamW  # noqa: E402
 from tests.peft.helpers import hf_checkpoint, hf_model, printed, randomize, token_ids  # noqa: E402
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from minipeft.errors import CheckpointError, ConfigError
 from minipeft.nn import ParameterGroup
 from minipeft.peft import PeftModel, ReLoraConfig, get_peft_model
-from minipeft.peft.relora import (accumulated_delta, accumulated_delta_rank, adapter_layers, is_restart,
+from minipeft.peft.lowrank.relora import (accumulated_delta, accumulated_delta_rank, adapter_layers, is_restart,
                                   magnitude_mask, prune_optimizer_state)
 from minipeft.train import AdamW, Schedule, Trainer, TrainingArguments, build_dataset, jagged_cosine
 from minipeft.train.data import Record
@@ -248,7 +248,7 @@ def test_cli_trains_with_restarts_and_the_jagged_schedule(capsys, tmp_path):
                             "--restart-warmup", 1, *TRAIN[:-2], "--warmup", 0)
     assert code == 0, err
     assert "relora: 1 restarts; rank of the total update W - W0 per module: min 4, max 4 (r = 2)" in stdout
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "RELORA"
-    assert (out / "adapter" / "relora_merged.safetensors").exists()
-    code, stdout, err = run(capsys, "merge", "--adapter", out / "adapter", "--out", tmp_path / "merged")
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "RELORA"
+    assert (out / "relora_merged.safetensors").exists()
+    code, stdout, err = run(capsys, "merge", "--adapter", out, "--out", tmp_path / "merged")
     assert code == 0, err

@@ -6,7 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minipeft.errors import ConfigError
-from minipeft.peft import LoraConfig, get_peft_model, targeting
+from minipeft.peft import LoraConfig, get_peft_model
+from minipeft.peft.core import targeting
 from tests.peft.helpers import import_oracles, tiny_model
 
 Q0 = "model.layers.0.self_attn.q_proj"

@@ -45,16 +45,18 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..autograd import ops
-from ..autograd.fused import linear
-from ..backend import get_array_module, to_device, to_numpy
-from ..errors import ConfigError
-from ..nn import Linear, Parameter, ParameterGroup, init
+from ...autograd import ops
+from ...autograd.fused import linear
+from ...backend import get_array_module, to_device, to_numpy
+from ...errors import ConfigError
+from ...nn import Linear, Parameter, ParameterGroup, init
 from . import adalora_allocator as allocator
-from . import targeting
-from .base import AdapterLayer, ParameterDict
-from .config import PeftConfig, _is_int, _is_number
-from .lora import LoraConfig
+from ..core import targeting
+from ..core.base import AdapterLayer, ParameterDict
+from ..core.config import PeftConfig, _is_int, _is_number
+from ..core.method import CliOption, CliSpec, PeftMethod
+from ..core.names import PREFIX
+from .lora import ALPHA, DROPOUT, TARGET, LoraConfig
 
 
 @dataclass(frozen=True)
@@ -235,8 +237,6 @@ load_extra = allocator.load_state  # on loading / resuming: those averages and t
 def saved_tensors(peft_model, name: str, tensors: dict) -> dict:
     """The file's arrays with A, E, B cropped to the ranks rank_pattern keeps (PEFT's
     resize_state_dict_by_rank_pattern); a layer already at its kept rank is left as is."""
-    from .saving import PREFIX  # noqa: PLC0415 - saving.py imports the registry, which imports this file
-
     out = dict(tensors)
     for key, keep in (peft_model.peft_config[name].rank_pattern or {}).items():
         path, keep = PREFIX + key.split(".lora_E")[0], np.flatnonzero(keep)
@@ -247,3 +247,38 @@ def saved_tensors(peft_model, name: str, tensors: dict) -> dict:
             if array.shape[axis] != len(keep):
                 out[f"{path}.{part}"] = np.ascontiguousarray(np.take(array, keep, axis=axis))
     return out
+
+
+# ----- the method's row in the table, and its command line ---------------------------------
+def cli_config(args) -> AdaLoraConfig:
+    return AdaLoraConfig(init_r=args.init_r, target_r=args.target_r, tinit=args.tinit, tfinal=args.tfinal,
+                         deltaT=args.delta_t, beta1=args.beta1, beta2=args.beta2, orth_reg_weight=args.orth_reg_weight,
+                         total_step=args.steps, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                         target_modules=targeting.parse_targets(args.target))
+
+
+def cli_report(peft_model, args, eval_loss) -> None:
+    """The final rank table (stdout) and OUT/adalora_ranks.png (with matplotlib)."""
+    from .adalora_plot import report  # noqa: PLC0415 - the plot module imports this one's allocator
+
+    print(report(peft_model, args.out))
+
+
+CLI_OPTIONS = (
+    CliOption(("--init-r",), dict(type=int, default=12, help="initial rank of every module (default 12)")),
+    CliOption(("--target-r",), dict(type=int, default=8, help="average rank the budget ends at (default 8)")),
+    CliOption(("--tinit",), dict(type=int, default=0, help="steps before ranks are pruned (default 0)")),
+    CliOption(("--tfinal",), dict(type=int, default=0, help="last steps with the final ranks fixed (default 0)")),
+    CliOption(("--delta-t",), dict(type=int, default=1, help="prune every this many steps (default 1)")),
+    CliOption(("--beta1",), dict(type=float, default=0.85, help="EMA of the sensitivity (default 0.85)")),
+    CliOption(("--beta2",), dict(type=float, default=0.85, help="EMA of the uncertainty (default 0.85)")),
+    CliOption(("--orth-reg-weight",), dict(type=float, default=0.5,
+                                           help="orthogonal regulariser weight (default 0.5)")),
+)
+
+METHOD = PeftMethod(
+    "ADALORA", AdaLoraConfig, apply, AdaLoraLayer, "adalora", default_target_modules=("q_proj", "v_proj"),
+    regularizer=regularizer, on_step_end=on_step_end, saved_tensors=saved_tensors, save_extra=save_extra,
+    load_extra=load_extra,
+    cli=CliSpec({"adalora": cli_config}, (ALPHA, DROPOUT, TARGET) + CLI_OPTIONS,
+                "AdaLoRA (also uses --alpha, --dropout, --target; total_step = --steps)", cli_report))

@@ -1,7 +1,8 @@
 """Adding, switching, deleting, disabling, merging and unloading the adapters of a PeftModel.
 
 Functions of a :class:`~minipeft.peft.peft_model.PeftModel` (whose methods call them),
-each a small explicit state change followed by ``peft_model._sync()``. Semantics are
+each a small explicit change of ``peft_model.state`` (through its methods) followed by
+``peft_model.sync()``. Semantics are
 Hugging Face PEFT's (REFERENCE 1.2) unless a docstring says otherwise.
 """
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import warnings
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 from . import registry, targeting
-from .base import BASE_ROWS, AdapterLayer, ModulesToSaveWrapper, parameter_holders
+from .base import BASE_ROWS, AdapterLayer, ModulesToSaveWrapper, refuse_tied, tied_uses
+from .config import PeftConfig
 
 
 def check_adapter_name(peft_model, name: str) -> None:
@@ -34,12 +36,13 @@ def inject(peft_model, name: str, config, for_loading: bool = False) -> None:
     if kinds and kinds != {config.peft_type}:
         raise ConfigError(f"cannot add a {config.peft_type} adapter next to {sorted(kinds)} adapters (as in PEFT)")
     model = peft_model.base_model.model
-    config = targeting.resolve_target_modules(model, config, method.default_target_modules)
+    if isinstance(config, PeftConfig):  # a method that adapts named modules
+        config = targeting.resolve_target_modules(model, config, method.default_target_modules)
     method.apply(model, config.for_loading() if for_loading else config, peft_model.rng, adapter_name=name)
-    add_modules_to_save(model, config.modules_to_save, name)
+    add_modules_to_save(model, getattr(config, "modules_to_save", None), name)
     peft_model.peft_config[name] = config
     if config.inference_mode:
-        peft_model._frozen.add(name)
+        peft_model.state.freeze(name)
     warn_tied_targets(peft_model, name)
 
 
@@ -64,19 +67,16 @@ def add_modules_to_save(model, modules_to_save, name: str) -> None:
 
 
 def warn_tied_targets(peft_model, name: str) -> None:
-    holders = parameter_holders(peft_model.base_model.model)
-    for path, module in peft_model.named_adapter_modules():
-        if isinstance(module, AdapterLayer) and name in module.adapter_names():
-            tied = holders.get(id(module.base_layer.weight), [])
-            if len(tied) > 1:
-                warnings.warn(f"{path} is adapted but its weight is tied to {tied}: the adapter changes only "
-                              f"{path}, and merging it is refused (it would change every tied use)", stacklevel=4)
+    for path, module in peft_model.adapter_layers(name, AdapterLayer):
+        if len(tied := tied_uses(peft_model.base_model.model, path)) > 1:
+            warnings.warn(f"{path} is adapted but its weight is tied to {tied}: the adapter changes only "
+                          f"{path}, and merging it is refused (it would change every tied use)", stacklevel=4)
 
 
 def add_adapter(peft_model, name: str, config, for_loading: bool = False) -> None:
     """A new adapter, not active (hence frozen) until set_adapter, as PEFT's add_adapter."""
     inject(peft_model, name, config, for_loading=for_loading)
-    peft_model._sync()
+    peft_model.sync()
 
 
 def set_adapter(peft_model, names, inference_mode: bool = False) -> None:
@@ -90,12 +90,8 @@ def set_adapter(peft_model, names, inference_mode: bool = False) -> None:
         if isinstance(module, ModulesToSaveWrapper) and sum(n in module.modules_to_save for n in names) > 1:
             raise ValueError(f"adapters {names} each have a modules_to_save copy of the same module; "
                              "only one of them can be active")
-    peft_model._active = names
-    if inference_mode:
-        peft_model._frozen.update(names)
-    else:
-        peft_model._frozen.difference_update(names)
-    peft_model._sync()
+    peft_model.state.activate(names, inference_mode)
+    peft_model.sync()
 
 
 def delete_adapter(peft_model, name: str) -> None:
@@ -110,10 +106,8 @@ def delete_adapter(peft_model, name: str) -> None:
         if name in module.adapter_names():
             module.delete_adapter(name)
     del peft_model.peft_config[name]
-    peft_model._frozen.discard(name)
-    active = [n for n in peft_model._active if n != name]
-    peft_model._active = active or list(peft_model.peft_config)[:1]
-    peft_model._sync()
+    peft_model.state.forget(name, list(peft_model.peft_config))
+    peft_model.sync()
 
 
 @contextlib.contextmanager
@@ -124,18 +118,18 @@ def disable_adapter(peft_model):
     leaves them unmerged). As PEFT warns, trained biases (bias != "none") stay in effect.
     """
     if any(getattr(c, "bias", "none") != "none" for n, c in peft_model.peft_config.items()
-           if n in peft_model._active):
+           if n in peft_model.state.active):
         warnings.warn("adapters with bias='all' or 'lora_only' trained biases of the base model: "
                       "with the adapters disabled the output still differs from the base model", stacklevel=3)
     merged = {id(m): list(m.merged_adapters) for m in peft_model.adapter_modules() if isinstance(m, AdapterLayer)}
     unmerge_adapter(peft_model)
-    peft_model._disabled = True
-    peft_model._sync()
+    peft_model.state.disabled = True
+    peft_model.sync()
     try:
         yield peft_model
     finally:
-        peft_model._disabled = False
-        peft_model._sync()
+        peft_model.state.disabled = False
+        peft_model.sync()
         for module in peft_model.adapter_modules():
             if merged.get(id(module)):
                 module.merge(merged[id(module)])
@@ -147,20 +141,28 @@ def merge_adapter(peft_model, adapter_names=None, safe_merge: bool = False) -> N
     Merging twice is a no-op. A weight tied to another module (an input embedding tied
     to the output head) is refused: merging would change both uses.
     """
-    names = list(peft_model._active if adapter_names is None else adapter_names)
+    names = list(peft_model.state.active if adapter_names is None else adapter_names)
     unknown = [n for n in names if n not in peft_model.peft_config]
     if unknown:
         raise ValueError(f"cannot merge unknown adapter(s) {unknown}")
-    holders = parameter_holders(peft_model.base_model.model)
+    refuse_unmergeable(peft_model, names)
     layers = [(p, m) for p, m in peft_model.named_adapter_modules()
               if isinstance(m, AdapterLayer) and any(n in m.adapter_names() for n in names)]
-    for path, layer in layers:
-        tied = holders.get(id(layer.base_layer.weight), [])
-        if len(tied) > 1 and any(n not in layer.merged_adapters for n in names if n in layer.adapter_names()):
-            raise ValueError(f"cannot merge into {path}: its weight is tied to {tied}, and merging would "
-                             "change every one of them")
+    refuse_tied(peft_model.base_model.model,
+                [path for path, layer in layers
+                 if any(n not in layer.merged_adapters for n in names if n in layer.adapter_names())],
+                "cannot merge into")
     for _, layer in layers:
         layer.merge(names, safe=safe_merge)
+
+
+def refuse_unmergeable(peft_model, names) -> None:
+    """ConfigError, before anything changes, for an adapter whose method has no merge."""
+    for name in names:
+        peft_type = peft_model.peft_config[name].peft_type
+        if not registry.get_method(peft_type).mergeable:
+            raise ConfigError(f"adapter {name!r} is a {peft_type} adapter, which cannot be merged into the base "
+                              "weights (it is not a weight update); use it unmerged, e.g. generate --adapter")
 
 
 def unmerge_adapter(peft_model) -> None:
@@ -180,6 +182,7 @@ def unload(peft_model, merge: bool, safe_merge: bool = False, adapter_names=None
     parameters all require grad again, as a freshly loaded model's do.
     """
     if merge:
+        refuse_unmergeable(peft_model, list(peft_model.peft_config))
         merge_adapter(peft_model, adapter_names, safe_merge)
     else:
         unmerge_adapter(peft_model)
@@ -187,11 +190,14 @@ def unload(peft_model, merge: bool, safe_merge: bool = False, adapter_names=None
     for path, module in peft_model.named_adapter_modules():
         if isinstance(module, AdapterLayer):
             model.set_submodule(path, module.base_layer)
-        else:
-            active = next((n for n in peft_model._active if n in module.modules_to_save), None)
+        elif isinstance(module, ModulesToSaveWrapper):
+            active = next((n for n in peft_model.state.active if n in module.modules_to_save), None)
             model.set_submodule(path, module.module_for(active if merge else None))
+        else:  # a holder the method added beside the model's own modules (a prompt encoder, adapters)
+            parent, _, attr = path.rpartition(".")
+            delattr(model.get_submodule(parent) if parent else model, attr)
     peft_model.peft_config.clear()
-    peft_model._active, peft_model._frozen = [], set()
+    peft_model.state.clear()
     for p in model.parameters():
         p.requires_grad = True
     return model

@@ -6,31 +6,76 @@ parameter names are PEFT's (``base_model.model.model.layers.0.self_attn.q_proj.
 lora_A.default.weight``; the frozen weight at ``...q_proj.base_layer.weight``) and
 ``save_pretrained`` writes files PEFT reads (saving.py).
 
-State lives here and is pushed into the adapter layers by :meth:`PeftModel._sync`:
-the active adapter(s), which adapters train (active and not loaded for
-inference), whether adapters are disabled. Every base parameter is frozen
+Which adapters run and which train is an :class:`AdapterState`, owned here and changed
+only through its methods; :meth:`PeftModel.sync` pushes it into every adapter holder
+(core/base.py) and sets ``requires_grad`` to match. Every base parameter is frozen
 (``requires_grad=False``, so the engine skips its weight-gradient matmuls); the
 trainable parameters are returned as explicit groups by :meth:`parameter_groups`
-(``lora:default``, ``modules_to_save:default``, ``bias:default``). Adding,
-switching, deleting, disabling and merging adapters is in adapters.py.
+(``lora:default``, ``modules_to_save:default``, ``bias:default``). Adding, switching,
+deleting, disabling and merging adapters is in adapters.py.
 
-Training hooks the trainer calls by name: :meth:`regularizer`,
-:meth:`mask_gradients`, :meth:`on_step_end`, :meth:`edit_optimizer_state` (each
-delegates to the methods of the trainable adapters; LoRA has none),
-:meth:`load_method_state` (on resume: state a method keeps outside its parameters),
-and the generator :attr:`rng` that draws adapter initialisations and then every
-dropout mask (save and restore ``rng.bit_generator.state`` for a bit-identical resume).
+The forward runs the adapted model. Methods that add virtual tokens (core/method.py)
+are plumbed in here, for training, plain calls and generation alike:
+* prompt tuning: ``inputs_embeds = [P prompt vectors; E[ids]]``, the attention mask and
+  the labels prefixed with P ones / P × −100, real tokens at positions P..P+T−1; the
+  logits cover the P virtual positions too (B, P + T, V), as PEFT's do;
+* prefix tuning: per layer P keys and values in front of the sequence's own, written
+  into the KV cache first (a fresh one when none is given), mask prefixed with ones,
+  real tokens at positions P..P+T−1; logits (B, T, V).
+In generation the virtual tokens go in with the first step only: they stay in the cache.
+
+Training hooks the trainer calls by name (train/hooks.py lists them): :meth:`regularizer`,
+:meth:`mask_gradients`, :meth:`calibrate`, :meth:`on_step_end`, :meth:`edit_optimizer_state`
+(each delegates to the methods of the trainable adapters), :meth:`load_method_state` (on
+resume: state a method keeps outside its parameters), and the generator :attr:`rng` that
+draws adapter initialisations and then every dropout mask (save and restore
+``rng.bit_generator.state`` for a bit-identical resume).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
-from ..autograd.tensor import Tensor
-from ..backend import random_generator
-from ..nn import Module, ParameterGroup
+from ...autograd import ops
+from ...autograd.fused import IGNORE_INDEX
+from ...autograd.tensor import Tensor
+from ...backend import random_generator, to_device, to_numpy
+from ...errors import ConfigError
+from ...models.kv_cache import KVCache
+from ...nn import Module, ParameterGroup
 from . import adapters, registry, saving, targeting
-from .base import BASE_ROWS, AdapterLayer, ModulesToSaveWrapper
+from .base import BASE_ROWS, AdapterHolder, AdapterLayer, ModulesToSaveWrapper, layers_holding
 from .config import PeftConfig
+from .names import adapter_folder
+
+
+@dataclass
+class AdapterState:
+    """Which adapters run (``active``, in order), which of those stay frozen (loaded for
+    inference), and whether adapters are switched off altogether."""
+
+    active: list[str]
+    frozen: set[str] = field(default_factory=set)
+    disabled: bool = False
+
+    def activate(self, names: list[str], inference_mode: bool) -> None:
+        self.active = list(names)
+        if inference_mode:
+            self.frozen.update(names)
+        else:
+            self.frozen.difference_update(names)
+
+    def freeze(self, name: str) -> None:
+        self.frozen.add(name)
+
+    def forget(self, name: str, remaining: list[str]) -> None:
+        """Adapter ``name`` is gone; if it was active, the first of ``remaining`` runs instead."""
+        self.frozen.discard(name)
+        self.active = [n for n in self.active if n != name] or remaining[:1]
+
+    def clear(self) -> None:
+        self.active, self.frozen, self.disabled = [], set(), False
 
 
 class TunerModel(Module):
@@ -53,15 +98,13 @@ class PeftModel(Module):
             raise TypeError("the model is already a PeftModel; use add_adapter to add another adapter")
         self.base_model = TunerModel(model)
         self.peft_config: dict[str, PeftConfig] = {}
-        self._active: list[str] = [adapter_name]
-        self._frozen: set[str] = set()  # adapters that stay frozen while active (loaded for inference)
-        self._disabled = False
+        self.state = AdapterState([adapter_name])
         self._rng = random_generator(seed)
         adapters.inject(self, adapter_name, config, for_loading=_for_loading)
-        self._sync()  # freezes the base model
+        self.sync()  # freezes the base model
 
     def __getattr__(self, name):
-        """Anything else (``config``, ``generate``, ...) comes from the wrapped model, as in PEFT."""
+        """Attributes of the wrapped model (``config``, ``generation_config``, ...), as in PEFT."""
         if name.startswith("_") or "base_model" not in vars(self):
             raise AttributeError(name)
         return getattr(vars(self)["base_model"].model, name)
@@ -85,17 +128,21 @@ class PeftModel(Module):
 
     @property
     def active_adapter(self) -> str | None:
-        return self._active[0] if self._active else None
+        return self.state.active[0] if self.state.active else None
 
     @property
     def active_adapters(self) -> list[str]:
-        return list(self._active)
+        return list(self.state.active)
 
     def forward(self, input_ids=None, attention_mask=None, labels=None, adapter_names=None, **kwargs):
-        """The wrapped model's forward; ``adapter_names`` (one per row, ``"__base__"`` for no
-        adapter) runs a mixed-adapter batch (inference only, as in PEFT)."""
+        """The adapted model's forward (see the module docstring for virtual tokens);
+        ``adapter_names`` (one per row, ``"__base__"`` for no adapter) runs a mixed-adapter
+        batch (inference only, as in PEFT)."""
         model = self.base_model.model
         if adapter_names is None:
+            virtual = self.virtual_token_adapter()
+            if virtual is not None:
+                return self._forward_virtual(*virtual, input_ids, attention_mask, labels, **kwargs)
             return model(input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         rows = len(kwargs["inputs_embeds"]) if input_ids is None else len(input_ids)
         self._check_mixed_batch(list(adapter_names), rows)
@@ -107,6 +154,66 @@ class PeftModel(Module):
         finally:
             for module in modules:
                 module.batch_adapters = None
+
+    def generate(self, input_ids, **kwargs) -> np.ndarray:
+        """Generate with the adapted model (virtual tokens included); the arguments of
+        :func:`minipeft.models.generation.generate`."""
+        from ...models.generation import generate  # noqa: PLC0415 - generation imports the model package
+
+        return generate(self, input_ids, **kwargs)
+
+    def virtual_token_adapter(self):
+        """(method, name) of the active adapter that adds virtual tokens (prompt / prefix
+        tuning), or None; only one may run at a time (as in PEFT)."""
+        if self.state.disabled:
+            return None
+        found = [(m, n) for n in self.state.active if n in self.peft_config
+                 for m in [registry.get_method(self.peft_config[n].peft_type)]
+                 if m.prompt_embeddings is not None or m.prefix_key_values is not None]
+        if len(found) > 1:
+            raise ConfigError(f"adapters {[n for _, n in found]} each add virtual tokens; only one can be active")
+        return found[0] if found else None
+
+    def _forward_virtual(self, method, name, input_ids, attention_mask, labels, position_ids=None, cache=None,
+                         inputs_embeds=None):
+        """The forward with adapter ``name``'s virtual tokens: the plumbing of the docstring."""
+        model = self.base_model.model
+        first = cache is None or cache.length == 0  # virtual tokens go in once, then live in the cache
+        batch = inputs_embeds.shape[0] if inputs_embeds is not None else len(input_ids)
+        count, own_cache = self.peft_config[name].num_virtual_tokens, None
+        if method.prompt_embeddings is not None:
+            if inputs_embeds is None:
+                inputs_embeds = model.input_embeddings(input_ids)
+            if first:
+                prompts = method.prompt_embeddings(self, name, batch)  # (B, P, hidden)
+                inputs_embeds = ops.concat([prompts, inputs_embeds], axis=1)
+            input_ids = None
+        else:
+            if cache is None:
+                cache = own_cache = KVCache(model.config.num_hidden_layers)
+            if first:
+                for layer, (keys, values) in enumerate(method.prefix_key_values(self, name, batch)):
+                    cache.update(layer, keys, values)
+                cache.advance(count)
+        device, added = model.device, count if (first and method.prompt_embeddings is not None) else 0
+        if attention_mask is not None:  # the virtual positions are real: every token may read them
+            mask = to_numpy(attention_mask.data if isinstance(attention_mask, Tensor) else attention_mask)
+            attention_mask = np.concatenate([np.ones((mask.shape[0], count), dtype=np.int64), mask], axis=1)
+        if labels is not None and added:
+            labels = to_numpy(labels.data if isinstance(labels, Tensor) else labels)
+            labels = np.concatenate([np.full((labels.shape[0], added), IGNORE_INDEX, dtype=np.int64), labels], axis=1)
+        if position_ids is not None:  # positions of real tokens (generation passes them): shifted past the P
+            positions = np.asarray(to_numpy(position_ids)) + count
+            if added:
+                positions = np.concatenate([np.broadcast_to(np.arange(count), (positions.shape[0], count)),
+                                            positions], axis=1)
+            position_ids = positions
+        out = model(None if input_ids is None else to_device(np.asarray(to_numpy(input_ids)), device),
+                    attention_mask=attention_mask, labels=labels, position_ids=position_ids, cache=cache,
+                    inputs_embeds=inputs_embeds)
+        if own_cache is not None:
+            out.cache = None  # a cache made for this call only
+        return out
 
     def _check_mixed_batch(self, names: list[str], rows: int) -> None:
         if len(names) != rows:
@@ -121,6 +228,10 @@ class PeftModel(Module):
         dora = sorted({n for n in names if getattr(self.peft_config.get(n), "use_dora", False)})
         if dora:
             raise ValueError(f"adapter_names cannot use DoRA adapters (as in PEFT): {dora}")
+        virtual = sorted({n for n in names if n in self.peft_config and (
+            (m := registry.get_method(self.peft_config[n].peft_type)).prompt_embeddings or m.prefix_key_values)})
+        if virtual:
+            raise ValueError(f"adapter_names cannot use adapters that add virtual tokens: {virtual}")
 
     def parameter_groups(self) -> list[ParameterGroup]:
         """The trainable parameters, one explicit group per method and adapter."""
@@ -136,7 +247,7 @@ class PeftModel(Module):
             method = registry.get_method(self.peft_config[name].peft_type)
             add(f"{method.group_prefix}:{name}", self._adapter_params(name, method.layer_cls))
             add(f"modules_to_save:{name}", self._adapter_params(name, ModulesToSaveWrapper))
-            add(f"bias:{name}", self._bias_params(name))
+            add(f"bias:{name}", self.bias_parameters(name))
         return groups
 
     def regularizer(self) -> Tensor | None:
@@ -147,6 +258,11 @@ class PeftModel(Module):
     def mask_gradients(self, step: int) -> None:
         """After backward, before the optimizer step: methods that mask gradients do it here."""
         self._call_hooks("mask_gradients", step)
+
+    def calibrate(self, batches) -> None:
+        """Before the first step of a fresh run: methods that choose what to train from data
+        (Fisher scores) read ``batches`` (an iterable of training batches) here."""
+        self._call_hooks("calibrate", batches)
 
     def on_step_end(self, step: int) -> None:
         """After the optimizer step: methods with a schedule (AdaLoRA's budget ...) act here."""
@@ -162,11 +278,11 @@ class PeftModel(Module):
         for name, config in self.peft_config.items():
             load_extra = registry.get_method(config.peft_type).load_extra
             if load_extra is not None:
-                load_extra(self, name, saving.adapter_folder(folder, name))
+                load_extra(self, name, adapter_folder(folder, name))
 
     def set_rank(self, rank: int, adapter_name: str | None = None) -> None:
         """DyLoRA: evaluate, merge and save the active DyLoRA adapter(s) at rank ``rank``."""
-        from .dylora import set_rank  # noqa: PLC0415 - a DyLoRA-only method
+        from ..lowrank.dylora import set_rank  # noqa: PLC0415 - a DyLoRA-only method
 
         set_rank(self, rank, adapter_name)
 
@@ -229,7 +345,7 @@ class PeftModel(Module):
                              combination_type: str = "svd", svd_rank: int | None = None,
                              svd_clamp: float | None = None, svd_full_matrices: bool = True) -> None:
         """A new adapter combining others; see :func:`minipeft.peft.combine.add_weighted_adapter`."""
-        from .combine import add_weighted_adapter  # noqa: PLC0415 - combine builds on this module
+        from ..lowrank.combine import add_weighted_adapter  # noqa: PLC0415 - combine builds on this module
 
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type=combination_type,
                              svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices)
@@ -260,25 +376,27 @@ class PeftModel(Module):
         if not is_trainable:
             self.eval()
 
-    # ----- internals shared with adapters.py / saving.py / combine.py --------------------
+    # ----- what adapters.py, saving.py and the methods read ------------------------------
     def adapter_modules(self) -> list[Module]:
-        """Every adapter layer and modules_to_save wrapper of the model."""
+        """Every adapter holder of the model (adapter layers, modules_to_save wrappers, ...)."""
         return [m for _, m in self.named_adapter_modules()]
 
     def named_adapter_modules(self) -> list[tuple[str, Module]]:
-        return [(n, m) for n, m in targeting.candidate_modules(self.base_model.model)
-                if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
+        return [(n, m) for n, m in targeting.candidate_modules(self.base_model.model) if isinstance(m, AdapterHolder)]
+
+    def adapter_layers(self, name: str, kind: type | tuple = AdapterHolder) -> list[tuple[str, Module]]:
+        """(path, holder) for the holders of class ``kind`` that hold adapter ``name``, in model order."""
+        return layers_holding(self.base_model.model, name, kind)
 
     def trainable_adapters(self) -> list[str]:
-        if self._disabled:
+        if self.state.disabled:
             return []
-        return [n for n in self._active if n in self.peft_config and n not in self._frozen]
+        return [n for n in self.state.active if n in self.peft_config and n not in self.state.frozen]
 
     def _adapter_params(self, name: str, kind: type) -> list:
-        return [p for m in self.adapter_modules() if isinstance(m, kind) and name in m.adapter_names()
-                for p in m.adapter_state(name).values()]
+        return [p for _, m in self.adapter_layers(name, kind) for p in m.adapter_state(name).values()]
 
-    def _bias_params(self, name: str) -> list:
+    def bias_parameters(self, name: str) -> list:
         """The biases adapter ``name`` trains: every base bias ("all") or those of its layers ("lora_only")."""
         bias = getattr(self.peft_config[name], "bias", "none")
         if bias == "all":
@@ -291,20 +409,20 @@ class PeftModel(Module):
                     and name in m.adapter_names() and getattr(m.base_layer, "bias", None) is not None]
         return []
 
-    def _sync(self) -> None:
-        """Push the adapter state into every layer and set ``requires_grad`` to match it."""
+    def sync(self) -> None:
+        """Push :attr:`state` into every adapter holder and set ``requires_grad`` to match it."""
         for p in self.parameters():
             p.requires_grad = False
         trainable = self.trainable_adapters()
         for module in self.adapter_modules():
-            module.active_adapters = [n for n in self._active if n in self.peft_config]
-            module.disabled = self._disabled
+            module.active_adapters = [n for n in self.state.active if n in self.peft_config]
+            module.disabled = self.state.disabled
             for name in trainable:
                 if name in module.adapter_names():
                     for p in module.adapter_state(name).values():
                         p.requires_grad = True
         for name in trainable:
-            for p in self._bias_params(name):
+            for p in self.bias_parameters(name):
                 p.requires_grad = True
 
 

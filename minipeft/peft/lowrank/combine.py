@@ -31,7 +31,7 @@ import math
 
 import numpy as np
 
-from ..backend import to_device, to_numpy
+from ...backend import to_device, to_numpy
 from .lora import LoraConfig, LoraLayer
 
 COMBINATIONS = ("svd", "linear", "cat", "exact")

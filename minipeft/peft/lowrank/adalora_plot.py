@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..io import atomic_write
+from ...io import atomic_write
 from .adalora_allocator import final_ranks
 
 ROWS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -22,10 +22,11 @@ import copy
 
 import numpy as np
 
-from ..autograd import ops
-from ..autograd.tensor import Tensor
-from ..backend import device_of, get_array_module, to_device
-from ..nn import Module, Parameter
+from ...autograd import ops
+from ...autograd.tensor import Tensor
+from ...backend import device_of, get_array_module, to_device
+from ...nn import Module, Parameter
+from .names import PREFIX
 
 BASE_ROWS = "__base__"  # in ``adapter_names``: this row runs the base model, no adapter
 
@@ -54,32 +55,52 @@ class ParameterDict(Module):
         return [k for k, v in vars(self).items() if isinstance(v, Parameter)]
 
 
-class AdapterLayer(Module):
-    """A layer adapted by a PEFT method: ``base_layer`` plus named adapters.
+class AdapterHolder(Module):
+    """A module that holds named adapters' parameters: the contract PeftModel relies on.
 
-    Subclasses define :meth:`adapter_names`, :meth:`adapter_state`,
-    :meth:`delete_adapter` and, where a merge exists, :meth:`merge_into` /
-    :meth:`unmerge_from` (pure functions of the weight array).
+    PeftModel finds every holder in the model (and its own prompt encoder), pushes its
+    state into them (``active_adapters``, ``disabled``, ``batch_adapters``), collects
+    their parameters (:meth:`adapter_state`) into groups and files, and deletes adapters
+    through them. A file key is ``base_model.model.<path>.<key>`` unless
+    :meth:`file_key` says otherwise (prompt tuning's ``prompt_embeddings``).
     """
 
-    def __init__(self, base_layer: Module):
-        self.base_layer = base_layer
+    def __init__(self):
         self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []  # in merge order; unmerged in reverse
         self.disabled = False
         self.batch_adapters: list[str] | None = None  # one name per row during a mixed batch
 
-    # ----- what subclasses provide -------------------------------------------------------
     def adapter_names(self) -> list[str]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def adapter_state(self, name: str) -> dict[str, Parameter]:  # pragma: no cover - abstract
-        """The adapter's parameters keyed as in PEFT's file, relative to this layer."""
+        """The adapter's parameters keyed as in its file, relative to this module."""
         raise NotImplementedError
 
     def delete_adapter(self, name: str) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def file_key(self, path: str, key: str) -> str:
+        """The key of parameter ``key`` of this module (at ``path``) in an adapter file."""
+        return f"{PREFIX}{path}.{key}"
+
+
+class AdapterLayer(AdapterHolder):
+    """A layer adapted by a PEFT method: ``base_layer`` plus named adapters.
+
+    Subclasses define :meth:`adapter_names`, :meth:`adapter_state`,
+    :meth:`delete_adapter`, what an adapter does to the layer's output
+    (:meth:`adapter_forward`) or to its input (:meth:`adapter_input`, IA3 on a
+    feed-forward layer) and, where a merge exists, :meth:`merge_into` /
+    :meth:`unmerge_from` (pure functions of the weight array).
+    """
+
+    def __init__(self, base_layer: Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.merged_adapters: list[str] = []  # in merge order; unmerged in reverse
+
+    # ----- what subclasses provide -------------------------------------------------------
     def merge_into(self, name: str, weight):  # pragma: no cover - abstract
         """The base weight array with adapter ``name`` merged in (a new array)."""
         raise NotImplementedError(f"{type(self).__name__} has no merge")
@@ -88,9 +109,13 @@ class AdapterLayer(Module):
         """The inverse of :meth:`merge_into`; ``keep`` keeps any cache the merge made."""
         raise NotImplementedError(f"{type(self).__name__} has no merge")
 
-    def adapter_forward(self, name: str, x, result):  # pragma: no cover - abstract
-        """The output with adapter ``name`` applied to ``result``, the output so far."""
-        raise NotImplementedError
+    def adapter_input(self, name: str, x):
+        """The base layer's input with adapter ``name`` applied (default: unchanged)."""
+        return x
+
+    def adapter_forward(self, name: str, x, result):
+        """The output with adapter ``name`` applied to ``result``, the output so far (default: unchanged)."""
+        return result
 
     # ----- shared behaviour --------------------------------------------------------------
     def forward(self, x):
@@ -98,15 +123,21 @@ class AdapterLayer(Module):
             return self.base_layer(x)
         if self.batch_adapters is not None:
             return mixed_rows(self.batch_adapters, x, self._rows_forward)
-        result = self.base_layer(x)
-        for name in self.unmerged_active():
+        return self._run(self.unmerged_active(), x)
+
+    def _run(self, names: list[str], x):
+        """base(x with the input-side adapters applied), then the output-side adapters, in order."""
+        inner = x
+        for name in names:
+            inner = self.adapter_input(name, inner)
+        result = self.base_layer(inner)
+        for name in names:
             result = self.adapter_forward(name, x, result)
         return result
 
     def _rows_forward(self, name: str, x):
         """The rows of a mixed batch that use adapter ``name`` (or none: ``"__base__"``)."""
-        result = self.base_layer(x)
-        return self.adapter_forward(name, x, result) if name in self.adapter_names() else result
+        return self._run([name] if name in self.adapter_names() else [], x)
 
     def unmerged_active(self) -> list[str]:
         """Active adapters this layer holds that are not merged into its weight."""
@@ -143,7 +174,7 @@ class AdapterLayer(Module):
         return weight
 
 
-class ModulesToSaveWrapper(Module):
+class ModulesToSaveWrapper(AdapterHolder):
     """PEFT's ``modules_to_save``: the frozen original plus one trainable copy per adapter.
 
     Forward runs the copy of the active adapter, or the original when adapters are
@@ -152,11 +183,9 @@ class ModulesToSaveWrapper(Module):
     """
 
     def __init__(self, original_module: Module):
+        super().__init__()
         self.original_module = original_module
         self.modules_to_save: dict[str, Module] = {}
-        self.active_adapters: list[str] = []
-        self.disabled = False
-        self.batch_adapters: list[str] | None = None
 
     def add(self, name: str) -> None:
         self.modules_to_save[name] = clone_module(self.original_module)
@@ -205,6 +234,29 @@ def mixed_rows(names: list[str], x, run):
     if order == sorted(order):
         return out
     return out[to_device(np.argsort(order), device)]
+
+
+def layers_holding(model: Module, name: str, kind: type | tuple = AdapterHolder) -> list[tuple[str, Module]]:
+    """(path, module) for every adapter holder of class ``kind`` in ``model`` (the bare model)
+    that holds adapter ``name``, in model order: "the layers of adapter X", found one way."""
+    from .targeting import candidate_modules  # noqa: PLC0415 - targeting builds on this module
+
+    return [(path, m) for path, m in candidate_modules(model) if isinstance(m, kind) and name in m.adapter_names()]
+
+
+def tied_uses(model: Module, path: str) -> list[str]:
+    """Every attribute path holding the weight of the module at ``path`` (of its base layer when
+    adapted); more than one means the weight is tied (input embedding and output head)."""
+    module = model.get_submodule(path)
+    weight = getattr(module, "base_layer", module).weight
+    return parameter_holders(model).get(id(weight), [])
+
+
+def refuse_tied(model: Module, paths, why: str) -> None:
+    """ValueError naming the first of ``paths`` whose weight is tied: ``why`` would change every use."""
+    for path in paths:
+        if len(uses := tied_uses(model, path)) > 1:
+            raise ValueError(f"{why} {path}.weight, which is tied to {uses}: it would change every one of them")
 
 
 def parameter_holders(model: Module) -> dict[int, list[str]]:

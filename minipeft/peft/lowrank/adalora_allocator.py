@@ -42,9 +42,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backend import get_array_module, to_device, to_numpy
-from ..errors import CheckpointError
-from ..io import read_json, read_safetensors, write_safetensors
+from ...backend import get_array_module, to_device, to_numpy
+from ...errors import CheckpointError
+from ...io import read_json, read_safetensors, write_safetensors
+from ..core.base import layers_holding
+from ..core.names import CONFIG_NAME
 
 STATE_FILE = "adalora_importance.safetensors"  # the averages Ī, Ū while an allocation is under way
 
@@ -53,8 +55,7 @@ def adapted_layers(peft_model, name: str) -> list:
     """(path, AdaLoraLayer) for every layer holding adapter ``name``, in model order."""
     from .adalora import AdaLoraLayer  # noqa: PLC0415 - adalora.py imports this module
 
-    return [(path, m) for path, m in peft_model.named_adapter_modules()
-            if isinstance(m, AdaLoraLayer) and name in m.adapter_names()]
+    return layers_holding(peft_model.get_base_model(), name, AdaLoraLayer)
 
 
 def budget_schedule(step: int, init_bgt: int, target_bgt: int, config) -> tuple[int, bool]:
@@ -163,8 +164,6 @@ def save_state(peft_model, name: str, folder) -> None:
 def load_state(peft_model, name: str, folder) -> None:
     """Read back what :func:`save_state` and ``adapter_config.json`` hold: the averages and the
     rank_pattern so far (a resumed checkpoint's model starts without them). Checks before it changes."""
-    from .saving import CONFIG_NAME  # noqa: PLC0415 - saving.py imports the registry, which imports this file
-
     folder, layers = Path(folder), adapted_layers(peft_model, name)
     config = peft_model.peft_config[name]
     if any(layer.lora_A[name].shape[0] != config.init_r for _, layer in layers):

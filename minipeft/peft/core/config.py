@@ -19,7 +19,7 @@ import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 # The PEFT release whose file format minipeft writes (the ``peft_version`` key).
 PEFT_FORMAT_VERSION = "0.21.2"
@@ -30,23 +30,15 @@ AUTO_MAPPING = {"base_model_class": "LlamaForCausalLM",
 
 
 @dataclass(frozen=True)
-class PeftConfig:
-    """Fields shared by the methods that adapt named modules of a model (PEFT's names).
-
-    ``target_modules``: a list (a module matches when its name equals an entry or ends
-    with ``"." + entry``), a regex string matched against the whole name, or
-    ``"all-linear"``; ``None`` takes the method's default for LLaMA. See targeting.py.
-    """
+class BaseConfig:
+    """Fields every method's config has (PEFT's ``PeftConfigMixin``): the task, the base model,
+    inference mode. Methods that do not adapt named modules (prompt / prefix tuning) build
+    on this; those that do, on :class:`PeftConfig`."""
 
     peft_type: ClassVar[str] = ""  # "LORA", ... (set by each method's config class)
     PEFT_FIXED: ClassVar[dict] = {}  # PEFT keys minipeft writes with PEFT's defaults only
     PEFT_INERT: ClassVar[frozenset] = frozenset()  # of those, keys whose value is ignored on reading
 
-    target_modules: str | tuple[str, ...] | None = None
-    exclude_modules: str | tuple[str, ...] | None = None
-    layers_to_transform: int | tuple[int, ...] | None = None
-    layers_pattern: str | tuple[str, ...] | None = None
-    modules_to_save: tuple[str, ...] | None = None
     task_type: str | None = "CAUSAL_LM"
     base_model_name_or_path: str | None = None
     revision: str | None = None
@@ -54,23 +46,6 @@ class PeftConfig:
     auto_mapping: dict | None = None
 
     def __post_init__(self):
-        for name in ("target_modules", "exclude_modules"):
-            self._set(name, _names(self, name, getattr(self, name), sort=True))
-        self._set("layers_pattern", _names(self, "layers_pattern", self.layers_pattern, sort=False))
-        modules = _names(self, "modules_to_save", self.modules_to_save, sort=False)
-        if isinstance(modules, str):
-            modules = (modules,)
-        self._set("modules_to_save", modules)
-        layers = self.layers_to_transform
-        if isinstance(layers, (list, tuple)):
-            layers = tuple(layers)
-        if layers is not None and not all(_is_int(i) and i >= 0 for i in _as_tuple(layers)):
-            self._fail("layers_to_transform", f"must be a layer index or a list of them, got {layers!r}")
-        self._set("layers_to_transform", layers)
-        if self.layers_pattern is not None and self.layers_to_transform is None:
-            self._fail("layers_pattern", "needs layers_to_transform as well (as in PEFT)")
-        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
-            self._fail("layers_to_transform", "cannot be used when target_modules is a regex string (as in PEFT)")
         if self.task_type not in TASK_TYPES:
             self._fail("task_type", f"must be one of {TASK_TYPES}, got {self.task_type!r}")
         if not isinstance(self.inference_mode, bool):
@@ -87,11 +62,11 @@ class PeftConfig:
         if not ok:
             self._fail(name, f"{message}, got {getattr(self, name)!r}")
 
-    def replace(self, **changes) -> "PeftConfig":
+    def replace(self, **changes) -> "BaseConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    def for_loading(self) -> "PeftConfig":
+    def for_loading(self) -> "BaseConfig":
         """The config to build layers with before loading saved weights into them: methods
         whose init rewrites base weights (LoRA's PiSSA) switch that init off."""
         return self
@@ -109,7 +84,7 @@ class PeftConfig:
         return out
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "adapter config") -> "PeftConfig":
+    def from_dict(cls, raw: dict, source: str = "adapter config") -> "BaseConfig":
         """Build from an ``adapter_config.json`` object (PEFT's or ours).
 
         Unknown keys are dropped with a warning naming them; a PEFT feature minipeft
@@ -134,6 +109,42 @@ class PeftConfig:
             warnings.warn(f"{source}: ignoring keys {cls.__name__} does not know: {unknown} "
                           "(written by a newer version?)", stacklevel=2)
         return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+@dataclass(frozen=True)
+class PeftConfig(BaseConfig):
+    """Fields shared by the methods that adapt named modules of a model (PEFT's names).
+
+    ``target_modules``: a list (a module matches when its name equals an entry or ends
+    with ``"." + entry``), a regex string matched against the whole name, or
+    ``"all-linear"``; ``None`` takes the method's default for LLaMA. See targeting.py.
+    """
+
+    target_modules: str | tuple[str, ...] | None = None
+    exclude_modules: str | tuple[str, ...] | None = None
+    layers_to_transform: int | tuple[int, ...] | None = None
+    layers_pattern: str | tuple[str, ...] | None = None
+    modules_to_save: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("target_modules", "exclude_modules"):
+            self._set(name, _names(self, name, getattr(self, name), sort=True))
+        self._set("layers_pattern", _names(self, "layers_pattern", self.layers_pattern, sort=False))
+        modules = _names(self, "modules_to_save", self.modules_to_save, sort=False)
+        if isinstance(modules, str):
+            modules = (modules,)
+        self._set("modules_to_save", modules)
+        layers = self.layers_to_transform
+        if isinstance(layers, (list, tuple)):
+            layers = tuple(layers)
+        if layers is not None and not all(_is_int(i) and i >= 0 for i in _as_tuple(layers)):
+            self._fail("layers_to_transform", f"must be a layer index or a list of them, got {layers!r}")
+        self._set("layers_to_transform", layers)
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            self._fail("layers_pattern", "needs layers_to_transform as well (as in PEFT)")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            self._fail("layers_to_transform", "cannot be used when target_modules is a regex string (as in PEFT)")
 
 
 # ----- small validators -----------------------------------------------------------------

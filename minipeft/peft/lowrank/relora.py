@@ -53,17 +53,19 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..backend import get_array_module, to_device, to_numpy
-from ..errors import CheckpointError, ConfigError
-from ..io import read_safetensors, write_safetensors
-from ..nn import Embedding, Linear
-from . import lora, targeting
-from .base import parameter_holders
-from .config import _is_int, _is_number
-from .lora import LoraConfig, LoraEmbedding, LoraLinear
+from ...backend import get_array_module, to_device, to_numpy
+from ...errors import CheckpointError, ConfigError
+from ...io import read_safetensors, write_safetensors
+from ...nn import Embedding, Linear
+from ..core import targeting
+from . import lora
+from ..core.base import layers_holding, refuse_tied
+from ..core.config import _is_int, _is_number
+from ..core.method import CliOption, CliSpec, PeftMethod
+from ..core.names import PREFIX
+from .lora import ALPHA, DROPOUT, TARGET, R, LoraConfig, LoraEmbedding, LoraLinear
 
 MERGED_NAME = "relora_merged.safetensors"
-PREFIX = "base_model.model."  # saving.PREFIX (saving imports the registry, which imports this file)
 
 
 @dataclass(frozen=True)
@@ -127,16 +129,16 @@ class ReLoraEmbedding(ReLoraLayer, LoraEmbedding):
 
 def adapter_layers(model, name: str) -> list[tuple[str, ReLoraLayer]]:
     """(path, layer) for the ReLoRA layers of ``model`` (the bare model) holding adapter ``name``."""
-    return [(p, m) for p, m in model.named_modules() if isinstance(m, ReLoraLayer) and name in m.adapter_names()]
+    return layers_holding(model, name, ReLoraLayer)
 
 
 def apply(model, config: ReLoraConfig, rng, adapter_name: str = "default"):
     """LoRA's apply with ReLoRA's layers; a tied target weight is refused (restarts write W)."""
-    holders = parameter_holders(model)
-    for name in targeting.find_targets(model, config, (Linear, Embedding, lora.LoraLayer), "ReLoRA"):
-        module = model.get_submodule(name)
-        if len(tied := holders.get(id(getattr(module, "base_layer", module).weight), ())) > 1:
-            raise ConfigError(f"ReLoRA merges into {name}.weight at every restart, but it is tied to {tied}")
+    try:
+        refuse_tied(model, targeting.find_targets(model, config, (Linear, Embedding, lora.LoraLayer), "ReLoRA"),
+                    "ReLoRA merges at every restart into")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return lora.apply(model, config, rng, adapter_name, classes=(ReLoraLinear, ReLoraEmbedding),
                       group_prefix="relora")
 
@@ -242,3 +244,33 @@ def load_extra(peft_model, name: str, folder) -> None:
         device = layer.base_layer.weight.device
         for a, b in pairs:
             layer.absorb(name, to_device(a, device), to_device(b, device))
+
+
+# ----- the method's row in the table, and its command line ---------------------------------
+def cli_config(args) -> ReLoraConfig:
+    return ReLoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                        target_modules=targeting.parse_targets(args.target), reset_every=args.relora_every,
+                        prune_ratio=args.relora_prune)
+
+
+def cli_report(peft_model, args, eval_loss) -> None:
+    ranks = accumulated_delta_rank(peft_model)
+    restarts = len(adapter_layers(peft_model.get_base_model(), "default")[0][1].relora_merged["default"])
+    print(f"relora: {restarts} restarts; rank of the total update W - W0 per module: "
+          f"min {min(ranks.values())}, max {max(ranks.values())} (r = {args.r})")
+
+
+RELORA_EVERY = CliOption(("--relora-every",), dict(
+    type=int, default=50, help="merge, re-init and prune the optimizer every this many steps (default 50)"))
+CLI_OPTIONS = (
+    RELORA_EVERY,
+    CliOption(("--relora-prune",), dict(type=float, default=0.99,
+                                        help="share of the optimizer moments zeroed at a restart (default 0.99)")),
+)
+
+METHOD = PeftMethod(
+    "RELORA", ReLoraConfig, apply, ReLoraLayer, "relora", default_target_modules=("q_proj", "v_proj"),
+    on_step_end=on_step_end, edit_optimizer_state=edit_optimizer_state, save_extra=save_extra,
+    load_extra=load_extra,
+    cli=CliSpec({"relora": cli_config}, (R, ALPHA, DROPOUT, TARGET) + CLI_OPTIONS,
+                "ReLoRA (also uses --r, --alpha, --dropout, --target; LR: --schedule jagged_cosine)", cli_report))

@@ -26,7 +26,7 @@ does not stop a row: its momentum and weight decay still move it, in the authors
 Eval and export: in eval mode, in merges (``merge_adapter``, ``merge_and_unload``,
 ``minipeft merge --rank b``) and in ``minipeft generate --rank b`` the adapter runs at
 its eval rank: config ``eval_rank`` (None: r_max), changed by ``model.set_rank(b)`` (which
-also updates the config, so save → load keeps it). ``loss_per_rank`` (train/rank_sweep.py)
+also updates the config, so save → load keeps it). ``loss_per_rank`` (below)
 tabulates the eval loss at each rank.
 
 Parameters: r_max·(in + out) per Linear, r_max·(num + dim) per Embedding (LoRA's count at
@@ -44,14 +44,18 @@ authors' code does not do.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..errors import CheckpointError, ConfigError
-from ..io import read_json, write_json
+from ...errors import CheckpointError, ConfigError
+from ...io import read_json, write_json
 from . import lora
-from .config import _is_int
-from .lora import LoraConfig, LoraEmbedding, LoraLinear
+from ..core import targeting
+from ..core.base import layers_holding
+from ..core.config import _is_int
+from ..core.method import CliOption, CliSpec, PeftMethod
+from .lora import ALPHA, DROPOUT, TARGET, R, LoraConfig, LoraEmbedding, LoraLinear
 
 STATE_NAME = "dylora_state.json"
 
@@ -123,7 +127,8 @@ class DyLoraEmbedding(DyLoraLayer, LoraEmbedding):
 
 def adapter_layers(model, name: str) -> list[DyLoraLayer]:
     """The DyLoRA layers of ``model`` (a PeftModel or the bare model) holding adapter ``name``."""
-    return [m for m in model.modules() if isinstance(m, DyLoraLayer) and name in m.adapter_names()]
+    bare = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return [layer for _, layer in layers_holding(bare, name, DyLoraLayer)]
 
 
 def draw_rank(rng, config: DyLoraConfig) -> int:
@@ -200,3 +205,53 @@ def load_extra(peft_model, name: str, folder) -> None:
         raise CheckpointError(f"'{path}': train_rank must be an integer in [1, {config.r}], got {b!r}")
     for layer in adapter_layers(peft_model, name):
         layer.train_rank[name] = b
+
+
+# ----- one trained adapter, many adapters: the eval loss at each rank -------------------------
+def loss_per_rank(peft_model, loss_fn, ranks, adapter_name: str | None = None) -> dict[int, float]:
+    """{b: ``loss_fn(peft_model)`` with the DyLoRA adapter(s) at rank b} (e.g. the mean eval
+    loss: ``lambda m: minipeft.train.evaluate(m, data)["eval_loss"]``). The eval rank is
+    restored afterwards."""
+    names = [adapter_name] if adapter_name else peft_model.active_adapters
+    before = {n: peft_model.peft_config[n] for n in names if isinstance(peft_model.peft_config.get(n), DyLoraConfig)}
+    out = {}
+    try:
+        for b in ranks:
+            set_rank(peft_model, int(b), adapter_name)
+            out[int(b)] = float(loss_fn(peft_model))
+    finally:
+        for name, config in before.items():
+            set_rank(peft_model, config.eval_rank or config.r, name)
+            peft_model.peft_config[name] = config  # eval_rank None stays None
+    return out
+
+
+def format_rank_table(losses: dict[int, float]) -> str:
+    """A two-column text table: rank, eval loss (and perplexity)."""
+    lines = ["rank  eval loss  perplexity"]
+    lines += [f"{b:>4}  {loss:9.4f}  {math.exp(loss):10.3f}" for b, loss in sorted(losses.items())]
+    return "\n".join(lines)
+
+
+# ----- the method's row in the table, and its command line ---------------------------------
+def cli_config(args) -> DyLoraConfig:
+    return DyLoraConfig(r=args.r, r_min=args.r_min, frozen=args.dylora_frozen, lora_alpha=args.alpha,
+                        lora_dropout=args.dropout, target_modules=targeting.parse_targets(args.target))
+
+
+def cli_report(peft_model, args, eval_loss) -> None:
+    """The eval loss at every rank 1..r_max (when there is eval data)."""
+    if eval_loss is not None:
+        print(format_rank_table(loss_per_rank(peft_model, eval_loss, range(1, args.r + 1))))
+
+
+CLI_OPTIONS = (
+    CliOption(("--r-min",), dict(type=int, default=1, help="smallest rank drawn in training (default 1)")),
+    CliOption(("--dylora-frozen",), dict(action="store_true", help="train only row / column b of A / B")),
+)
+
+METHOD = PeftMethod(
+    "DYLORA", DyLoraConfig, apply, DyLoraLayer, "dylora", default_target_modules=("q_proj", "v_proj"),
+    mask_gradients=mask_gradients, on_step_end=on_step_end, save_extra=save_extra, load_extra=load_extra,
+    cli=CliSpec({"dylora": cli_config}, (R, ALPHA, DROPOUT, TARGET) + CLI_OPTIONS,
+                "DyLoRA (also uses --r as r_max, --alpha, --dropout, --target)", cli_report))

@@ -13,8 +13,11 @@ adapter name removed, which each adapter layer spells out in ``adapter_state``:
     base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias       bias="lora_only"
                                                           (bias="all": every bias of the model)
 
-A method may keep files beside these two (the registry's ``save_extra`` / ``load_extra``:
-ReLoRA's ``relora_merged.safetensors``, DyLoRA's ``dylora_state.json``).
+A method may keep files beside these two (its row's ``save_extra`` / ``load_extra``:
+ReLoRA's ``relora_merged.safetensors``, DyLoRA's ``dylora_state.json``), or write another
+library's layout instead (``write_folder`` / ``read_folder_config`` / ``read_folder_weights``:
+bottleneck adapters in the ``adapters`` library's files). Safetensors only: a pickle file
+(``adapter_model.bin``) is refused with a message saying how to re-save it, never unpickled.
 
 As PEFT, an adapter on ``embed_tokens`` / ``lm_head`` also saves that layer's base
 weight (``save_embedding_layers="auto"``, with PEFT's warning); PEFT's further
@@ -32,21 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backend import to_device
-from ..errors import CheckpointError, ConfigError
-from ..io import read_json, read_safetensors, write_json, write_safetensors
+from ...backend import to_device
+from ...errors import CheckpointError, ConfigError
+from ...io import read_json, read_safetensors, write_json, write_safetensors
 from . import registry
 from .base import AdapterLayer, ModulesToSaveWrapper
+from .names import CONFIG_NAME, EMBEDDING_LAYER_NAMES, PICKLE_NAMES, PREFIX, WEIGHTS_NAME, adapter_folder
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
-
-
-def adapter_folder(folder, name: str) -> Path:
-    """PEFT's place for an adapter: the folder itself for ``default``, else ``folder/<name>``."""
-    return Path(folder) if name == "default" else Path(folder) / name
 
 
 def adapter_parameters(peft_model, name: str) -> dict:
@@ -55,9 +50,9 @@ def adapter_parameters(peft_model, name: str) -> dict:
     for path, module in peft_model.named_adapter_modules():
         if name in module.adapter_names():
             for key, p in module.adapter_state(name).items():
-                out[f"{PREFIX}{path}.{key}"] = p
+                out[module.file_key(path, key)] = p
     by_id = {id(p): n for n, p in peft_model.base_model.model.named_parameters()}
-    for p in peft_model._bias_params(name):
+    for p in peft_model.bias_parameters(name):
         out[PREFIX + by_id[id(p)]] = p
     return out
 
@@ -65,7 +60,7 @@ def adapter_parameters(peft_model, name: str) -> dict:
 def embedding_parameters(peft_model, name: str, save_embedding_layers) -> dict:
     """PEFT's ``save_embedding_layers``: the base weights of the input / output embeddings."""
     config, model = peft_model.peft_config[name], peft_model.base_model.model
-    targets = config.target_modules
+    targets = getattr(config, "target_modules", None)
     if isinstance(targets, str):
         targeted = any(re.fullmatch(targets, path) for path, _ in model.named_modules()
                        if re.match(rf"(.*\.)?({'|'.join(EMBEDDING_LAYER_NAMES)})$", path))
@@ -99,6 +94,10 @@ def save_pretrained(peft_model, folder, selected_adapters=None, save_embedding_l
     for name in names:
         out = adapter_folder(folder, name)
         out.mkdir(parents=True, exist_ok=True)
+        write_folder = registry.get_method(peft_model.peft_config[name].peft_type).write_folder
+        if write_folder is not None:  # another library's layout (bottleneck adapters)
+            write_folder(peft_model, name, out)
+            continue
         params = {**adapter_parameters(peft_model, name),
                   **embedding_parameters(peft_model, name, save_embedding_layers)}
         tensors = {k: p.data for k, p in params.items()}
@@ -116,13 +115,37 @@ def save_pretrained(peft_model, folder, selected_adapters=None, save_embedding_l
 
 
 def read_config(folder):
-    """The config in ``folder/adapter_config.json``, as the class its ``peft_type`` names."""
-    path = Path(folder) / CONFIG_NAME
+    """The config of the adapter in ``folder``: PEFT's ``adapter_config.json`` as the class its
+    ``peft_type`` names, or another layout a method recognises (``read_folder_config``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"adapter folder '{folder}' does not exist or is not a folder")
+    refuse_pickles(folder)
+    for method in registry.METHODS:
+        if method.read_folder_config is not None and (config := method.read_folder_config(folder)) is not None:
+            return config
+    path = folder / CONFIG_NAME
     return registry.config_from_dict(read_json(path, "adapter config", ConfigError), source=str(path))
 
 
+def refuse_pickles(folder: Path) -> None:
+    """A folder holding only pickle weights (``adapter_model.bin`` ...) is refused: never unpickled."""
+    if any(folder.glob("*.safetensors")):
+        return
+    for name in PICKLE_NAMES:
+        if (folder / name).exists():
+            raise CheckpointError(
+                f"'{folder / name}' is a pickle file, which minipeft never loads (unpickling runs arbitrary code); "
+                "re-save the adapter as safetensors: in PEFT, model.save_pretrained(dir) (safe_serialization=True "
+                "is the default), in the adapters library, model.save_adapter(dir, name, use_safetensors=True)")
+
+
 def load_weights(peft_model, folder, name: str) -> None:
-    """Copy ``folder/adapter_model.safetensors`` into adapter ``name``, checking everything first."""
+    """Copy the adapter's tensors in ``folder`` into adapter ``name``, checking everything first."""
+    read_weights = registry.get_method(peft_model.peft_config[name].peft_type).read_folder_weights
+    if read_weights is not None:  # another library's layout
+        read_weights(peft_model, name, Path(folder))
+        return
     path = Path(folder) / WEIGHTS_NAME
     if not path.exists():
         raise CheckpointError(f"adapter file '{path}' does not exist")

@@ -31,9 +31,9 @@ mixed-adapter batches refuse DoRA adapters, as PEFT does.
 """
 from __future__ import annotations
 
-from ..autograd.fused import linear
-from ..backend import get_array_module
-from ..nn import Module, Parameter
+from ...autograd.fused import linear
+from ...backend import get_array_module
+from ...nn import Module, Parameter
 
 
 class DoraMagnitude(Module):

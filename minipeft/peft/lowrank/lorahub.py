@@ -41,13 +41,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..autograd import no_grad
-from ..backend import to_device, to_numpy
-from ..errors import ConfigError
+from ...autograd import no_grad
+from ...backend import to_device, to_numpy
+from ...errors import ConfigError
 from . import es
 from .combine import combined_factors
 from .lora import LoraConfig, LoraLayer
-from .peft_model import PeftModel
+from ..core.peft_model import PeftModel
 
 
 @dataclass(frozen=True)

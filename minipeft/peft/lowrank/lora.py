@@ -38,13 +38,15 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..autograd import ops
-from ..autograd.fused import embedding, linear
-from ..backend import to_device, to_numpy
-from ..nn import Embedding, Linear, Parameter, ParameterGroup, init
-from . import dora, targeting
-from .base import AdapterLayer, ParameterDict, parameter_holders
-from .config import PeftConfig, _is_int, _is_number
+from ...autograd import ops
+from ...autograd.fused import embedding, linear
+from ...backend import to_device, to_numpy
+from ...nn import Embedding, Linear, Parameter, ParameterGroup, init
+from ..core import targeting
+from . import dora
+from ..core.base import AdapterLayer, ParameterDict, refuse_tied
+from ..core.config import PeftConfig, _is_int, _is_number
+from ..core.method import CliOption, CliSpec, PeftMethod
 
 INITS = (True, False, "gaussian", "pissa")
 
@@ -257,11 +259,8 @@ def apply(model, config: LoraConfig, rng, adapter_name: str = "default", *, clas
     LoRA's layers (DyLoRA, ReLoRA); default (LoraLinear, LoraEmbedding)."""
     linear_cls, embedding_cls = classes or (LoraLinear, LoraEmbedding)
     names = targeting.find_targets(model, config, (Linear, Embedding, LoraLayer), "LoRA")
-    holders = parameter_holders(model) if config.init_lora_weights == "pissa" else {}
-    for name in names:  # PiSSA rewrites W: refuse a tied W before anything changes
-        module = model.get_submodule(name)
-        if len(tied := holders.get(id(getattr(module, "base_layer", module).weight), ())) > 1:
-            raise ValueError(f"init_lora_weights='pissa' would rewrite {name}.weight, which is tied to {tied}")
+    if config.init_lora_weights == "pissa":  # PiSSA rewrites W: refuse a tied W before anything changes
+        refuse_tied(model, names, "init_lora_weights='pissa' would rewrite")
     params = []
     for name in names:
         layer = model.get_submodule(name)
@@ -274,3 +273,26 @@ def apply(model, config: LoraConfig, rng, adapter_name: str = "default", *, clas
         layer.update_layer(adapter_name, r, alpha, config, rng)
         params.extend(layer.adapter_state(adapter_name).values())
     return ParameterGroup(f"{group_prefix}:{adapter_name}", params)
+
+
+# ----- the method's row in the table, and its command line ---------------------------------
+# Shared by every LoRA-family method's ``minipeft train`` options (one object each, added once).
+R = CliOption(("--r",), dict(type=int, default=8, help="rank r (DyLoRA: r_max) (default 8)"))
+ALPHA = CliOption(("--alpha",), dict(type=float, default=16, help="lora_alpha (default 16; scale = alpha / r)"))
+DROPOUT = CliOption(("--dropout",), dict(type=float, default=0.05,
+                                         help="dropout on the adapter input (default 0.05)"))
+TARGET = CliOption(("--target",), dict(default="q_proj,v_proj",
+                                       help="comma-separated module names, or all-linear (default q_proj,v_proj)"))
+RSLORA = CliOption(("--rslora",), dict(action="store_true", help="scale by alpha / sqrt(r) (rank-stabilised LoRA)"))
+
+
+def cli_config(args, use_dora: bool = False) -> LoraConfig:
+    return LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout,
+                      target_modules=targeting.parse_targets(args.target), use_rslora=args.rslora,
+                      use_dora=use_dora)
+
+
+METHOD = PeftMethod(
+    "LORA", LoraConfig, apply, LoraLayer, "lora", default_target_modules=("q_proj", "v_proj"),
+    cli=CliSpec({"lora": cli_config, "dora": lambda args: cli_config(args, use_dora=True)},
+                (R, ALPHA, DROPOUT, TARGET, RSLORA), "LoRA / DoRA"))

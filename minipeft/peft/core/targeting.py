@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import re
 
-from ..errors import ConfigError
-from ..nn import Linear, Module
-from .base import AdapterLayer, ModulesToSaveWrapper
+from ...errors import ConfigError
+from ...nn import Linear, Module
+from .base import AdapterHolder, AdapterLayer
 
 ALL_LINEAR = "all-linear"
 OUTPUT_HEAD = "lm_head"  # LlamaForCausalLM's output embedding, never part of "all-linear"
@@ -101,7 +101,7 @@ def candidate_modules(model: Module) -> list[tuple[str, Module]]:
         if not name or any(name.startswith(p) for p in inside):
             continue
         out.append((name, module))
-        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+        if isinstance(module, AdapterHolder):
             inside.add(name + ".")
     return out
 
@@ -160,7 +160,7 @@ def available_names(model: Module, limit: int = 12) -> str:
     seen = []
     for name, module in candidate_modules(model):
         last = name.rsplit(".", 1)[-1]
-        leaf = isinstance(module, (AdapterLayer, ModulesToSaveWrapper)) or not list(module.named_children())
+        leaf = isinstance(module, AdapterHolder) or not list(module.named_children())
         if leaf and not last.isdigit() and last not in seen:
             seen.append(last)
     return ", ".join(seen[:limit]) + (", ..." if len(seen) > limit else "")
@@ -168,3 +168,8 @@ def available_names(model: Module, limit: int = 12) -> str:
 
 def _show(targets) -> str:
     return repr(targets) if isinstance(targets, str) else repr(list(targets or ()))
+
+
+def parse_targets(text: str):
+    """A command-line ``--target``: 'q_proj,v_proj' -> a list; 'all-linear' stays a string, as PEFT expects."""
+    return text if text == ALL_LINEAR else [t.strip() for t in text.split(",") if t.strip()]
