@@ -88,6 +88,12 @@ CASES = [
     # call): with reset_every=1000 > every step count here, "base weights untouched" is its between-restarts promise
     Case("relora", ReLoraConfig(r=4, lora_alpha=8, reset_every=1000, target_modules=["q_proj", "down_proj"]),
          {"q_proj": 4, "down_proj": 4}),
+    # ----- additive methods (each block owned by its method's file) -----
+    # ia3 rows
+    # prompt tuning rows
+    # prefix tuning rows
+    # bottleneck rows
+    # adapter fusion rows
 ]
 IDS = [c.id for c in CASES]
 

@@ -20,10 +20,12 @@ from .config import PeftConfig
 from .method import CliOption, CliSpec, PeftMethod
 
 METHODS: tuple[PeftMethod, ...] = (
+    # low-rank
     lora.METHOD,
     adalora.METHOD,
     dylora.METHOD,
     relora.METHOD,
+    # additive
 )
 REGISTRY: Mapping[str, PeftMethod] = MappingProxyType({m.peft_type: m for m in METHODS})
 

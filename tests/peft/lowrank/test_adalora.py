@@ -30,7 +30,7 @@ from minipeft.train.optim import AdamW
 from tests.peft.helpers import TINIER, assert_grads_match_fd, logits, randomize, tiny_model, token_ids
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def adalora(seed=0, dtype=np.float32, size=None, **config):
