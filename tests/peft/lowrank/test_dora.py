@@ -12,7 +12,7 @@ from minipeft.peft import LoraConfig, get_peft_model
 from minipeft.peft.lowrank import dora
 from tests.helpers.gradcheck import weighted_sum
 from tests.peft.helpers import assert_grads_match_fd, frozen_dora_norms, logits, randomize, tiny_model, token_ids
-from tests.peft.test_lora import adapted_block
+from tests.peft.lowrank.test_lora import adapted_block
 
 
 def row_norms(W):
