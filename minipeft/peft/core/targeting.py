@@ -170,6 +170,9 @@ def _show(targets) -> str:
     return repr(targets) if isinstance(targets, str) else repr(list(targets or ()))
 
 
-def parse_targets(text: str):
-    """A command-line ``--target``: 'q_proj,v_proj' -> a list; 'all-linear' stays a string, as PEFT expects."""
+def parse_targets(text: str | None):
+    """A command-line ``--target``: 'q_proj,v_proj' -> a list; 'all-linear' stays a string, as PEFT
+    expects; None (not given) -> None, the method's default."""
+    if text is None:
+        return None
     return text if text == ALL_LINEAR else [t.strip() for t in text.split(",") if t.strip()]

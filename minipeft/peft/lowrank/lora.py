@@ -281,8 +281,8 @@ R = CliOption(("--r",), dict(type=int, default=8, help="rank r (DyLoRA: r_max) (
 ALPHA = CliOption(("--alpha",), dict(type=float, default=16, help="lora_alpha (default 16; scale = alpha / r)"))
 DROPOUT = CliOption(("--dropout",), dict(type=float, default=0.05,
                                          help="dropout on the adapter input (default 0.05)"))
-TARGET = CliOption(("--target",), dict(default="q_proj,v_proj",
-                                       help="comma-separated module names, or all-linear (default q_proj,v_proj)"))
+TARGET = CliOption(("--target",), dict(default=None, help="comma-separated module names, or all-linear "
+                                                          "(default: the method's PEFT default, q_proj,v_proj for LoRA)"))
 RSLORA = CliOption(("--rslora",), dict(action="store_true", help="scale by alpha / sqrt(r) (rank-stabilised LoRA)"))
 
 
