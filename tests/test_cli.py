@@ -126,3 +126,16 @@ def test_unusable_devices_are_one_line_errors(capsys):
         code, out, err = run(capsys, "generate", "--device", device, "--max-new-tokens", "2")
         assert code == 1 and out == ""
         assert err.startswith("minipeft: error:") and words in err and err.count("\n") == 1
+
+
+def test_info_describes_an_adapter(capsys, tmp_path):
+    import minipeft as mp  # noqa: PLC0415
+
+    base = mp.LlamaForCausalLM.from_pretrained(mp.bundled_model_path())
+    mp.peft.get_peft_model(base, mp.peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path)
+    code, out, err = run(capsys, "info", "--adapter", str(tmp_path))
+    assert code == 0, err
+    assert "method: LORA (mergeable: yes)" in out and "r: 4" in out
+    assert "target_modules: ['q_proj', 'v_proj']" in out
+    # 5 layers x (q: 4·(64 + 64) + v: 4·(64 + 32)) = 4,480 on 260,032 base parameters
+    assert "trainable params: 4,480 || all params: 264,512 || trainable%: 1.6937" in out

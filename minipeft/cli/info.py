@@ -1,4 +1,5 @@
-"""``minipeft info``: a model's architecture and its parameter counts per module kind."""
+"""``minipeft info``: a model's architecture and its parameter counts per module kind; with
+``--adapter DIR``, the adapter's method, its settings and its parameter count on that model."""
 from __future__ import annotations
 
 from collections import Counter
@@ -10,6 +11,8 @@ from .common import add_model_option, model_folder
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="architecture and parameter counts of a model")
     add_model_option(p)
+    p.add_argument("--adapter", metavar="DIR", default=None,
+                   help="also describe this adapter folder (method, settings, trainable parameters)")
     p.set_defaults(run=run)
 
 
@@ -39,4 +42,37 @@ def run(args) -> int:
     for kind, n in counts.items():
         print(f"  {kind:<{width}}  {n:>12,}  {100 * n / total:6.2f}%")
     print(f"  {'total':<{width}}  {total:>12,}")
+    if args.adapter:
+        describe_adapter(model, args.adapter)
     return 0
+
+
+def describe_adapter(model, folder) -> None:
+    """The adapter's peft_type, its non-default settings and what it trains on ``model``."""
+    from dataclasses import fields  # noqa: PLC0415
+
+    from ..peft import PeftModel  # noqa: PLC0415 - PEFT only when asked for
+    from ..peft.core import registry  # noqa: PLC0415
+
+    peft_model = PeftModel.from_pretrained(model, folder, is_trainable=True)
+    config = peft_model.peft_config["default"]
+    method = registry.get_method(config.peft_type)
+    defaults = type(config)() if not _required_fields(config) else None
+    settings = {f.name: getattr(config, f.name) for f in fields(config)
+                if f.name not in ("base_model_name_or_path", "revision", "inference_mode", "auto_mapping")
+                and (defaults is None or getattr(config, f.name) != getattr(defaults, f.name))}
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    print(f"adapter: {folder}")
+    print(f"method: {config.peft_type} (mergeable: {'yes' if method.mergeable else 'no'})")
+    for key, value in settings.items():
+        print(f"  {key}: {list(value) if isinstance(value, tuple) else value!r}")
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+
+def _required_fields(config) -> bool:
+    """Does the config class need arguments (AdaLoRA's total_step)? Then every field is shown."""
+    try:
+        type(config)()
+    except (TypeError, ValueError):
+        return True
+    return False
