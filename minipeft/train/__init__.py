@@ -5,11 +5,15 @@
     summary = Trainer(model, TrainingArguments("runs/demo", max_steps=200), train, evals).train()
 
 The trainer works on any Module whose ``model(ids, attention_mask=, labels=)`` returns an
-object with ``.loss``; it calls a PEFT model's optional hooks by name
-(``parameter_groups()``, ``regularizer()``, ``mask_gradients(step)``, ``on_step_end(step)``,
-``save_pretrained(dir)``, ``rng``) and needs nothing else from it.
+object with ``.loss``. Everything else is optional: the hooks a PEFT model has, listed (with
+their signatures and when they are called) by :class:`TrainingHooks` (hooks.py) and looked
+up once by ``TrainingHooks.of(model)``: ``parameter_groups()``, ``regularizer()``,
+``mask_gradients(step)``, ``calibrate(batches)`` (fresh runs only), ``on_step_end(step)``,
+``edit_optimizer_state(step, optimizer)``, ``save_pretrained(dir)``,
+``load_method_state(dir)`` (on resume) and the dropout generator ``rng``.
 """
 from .batches import Batch, BatchLoader, collate, iter_batches
+from .hooks import TrainingHooks
 from .checkpoint import find_latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from .data import (ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, Dataset, Example, Record, build_dataset,
                    load_datasets, pack, read_jsonl, split_records, tokenize)
@@ -21,7 +25,7 @@ from .trainer import Trainer, TrainingError, evaluate
 __all__ = [
     "ALPACA_TEMPLATE", "ALPACA_TEMPLATE_NO_INPUT", "AdamW", "Batch", "BatchLoader", "Dataset", "Example",
     "Optimizer", "Record", "SCHEDULES", "SGD", "Schedule", "Trainer", "TrainingArguments", "TrainingError",
-    "build_dataset", "clip_grad_norm", "collate", "constant", "cosine", "evaluate", "find_latest_checkpoint",
-    "grad_norm", "iter_batches", "jagged_cosine", "linear", "list_checkpoints", "load_checkpoint", "load_datasets",
-    "pack", "read_jsonl", "save_checkpoint", "split_records", "tokenize",
+    "TrainingHooks", "build_dataset", "clip_grad_norm", "collate", "constant", "cosine", "evaluate",
+    "find_latest_checkpoint", "grad_norm", "iter_batches", "jagged_cosine", "linear", "list_checkpoints",
+    "load_checkpoint", "load_datasets", "pack", "read_jsonl", "save_checkpoint", "split_records", "tokenize",
 ]

@@ -23,6 +23,10 @@ the model it is given, whatever the model class); ``adapter/`` is for the user: 
 adapter as of that step, loadable with ``PeftModel.from_pretrained`` (a model with
 ``load_method_state(folder)`` also reads from it the state a method keeps outside its
 parameters, such as the updates ReLoRA merged into the base weights).
+
+The model's optional hooks (``save_pretrained``, ``load_method_state``, ``rng``) come from
+a :class:`~minipeft.train.hooks.TrainingHooks`: the trainer passes its own as ``hooks=``;
+without it they are looked up on ``model``.
 """
 from __future__ import annotations
 
@@ -39,6 +43,7 @@ from ..backend import to_device, to_numpy
 from ..errors import CheckpointError
 from ..io.checkpoint import read_json, write_json
 from ..io.safetensors import atomic_write, read_safetensors, write_safetensors
+from .hooks import TrainingHooks
 
 FORMAT = 1
 LATEST = "latest"
@@ -98,9 +103,11 @@ def find_latest_checkpoint(output_dir) -> Path | None:
 
 
 def save_checkpoint(output_dir, step: int, *, model, groups, optimizer, schedule, loader,
-                    keep: int | None = None, extra: dict | None = None) -> Path:
+                    keep: int | None = None, extra: dict | None = None,
+                    hooks: TrainingHooks | None = None) -> Path:
     """Write ``output_dir/step-{step}`` atomically, point ``latest`` at it, keep the last ``keep``."""
     output_dir = Path(output_dir)
+    hooks = TrainingHooks.of(model) if hooks is None else hooks
     output_dir.mkdir(parents=True, exist_ok=True)
     for stale in output_dir.iterdir():  # left by a run killed mid-write
         if _TMP_RE.match(stale.name) and stale.is_dir():
@@ -110,17 +117,16 @@ def save_checkpoint(output_dir, step: int, *, model, groups, optimizer, schedule
     tmp.mkdir()  # not mkdtemp: that makes it 0700, this follows the umask like any folder
     try:
         write_safetensors(tmp / "trainable.safetensors", {n: p.data for n, p in _param_names(model, groups)})
-        if hasattr(model, "parameter_groups") and hasattr(model, "save_pretrained"):
-            model.save_pretrained(tmp / "adapter")
+        if hooks.parameter_groups and hooks.save_pretrained:  # an adapter model
+            hooks.save_pretrained(tmp / "adapter")
         opt = optimizer.state_dict()
         arrays = {f"{key}/{name}": v for key, s in opt["state"].items() for name, v in s.items() if name != "step"}
         write_safetensors(tmp / "optimizer.safetensors", arrays)
         _write_json(tmp / "optimizer.json", {"type": opt["type"],
                                               "steps": {k: s["step"] for k, s in opt["state"].items()}})
-        rng = getattr(model, "rng", None)
         _write_json(tmp / "trainer_state.json", {
             "format": FORMAT, "step": step, "schedule": schedule.state_dict(), "data": loader.state_dict(),
-            "model_rng": rng.bit_generator.state if isinstance(rng, np.random.Generator) else None,
+            "model_rng": hooks.rng.bit_generator.state if hooks.rng is not None else None,
             "extra": extra or {}})
         _fsync_dir(tmp)
         if final.exists():  # a re-run of the same step: move the old one aside first
@@ -141,13 +147,15 @@ def save_checkpoint(output_dir, step: int, *, model, groups, optimizer, schedule
     return final
 
 
-def load_checkpoint(folder, *, model, groups, optimizer, schedule, loader) -> dict:
+def load_checkpoint(folder, *, model, groups, optimizer, schedule, loader,
+                    hooks: TrainingHooks | None = None) -> dict:
     """Restore a checkpoint in place; returns its trainer state (``step``, ``extra``, ...).
 
     Every file is read and checked before the model is touched: on a bad checkpoint the
     model keeps its weights and a CheckpointError names the file and key at fault.
     """
     folder = Path(folder)
+    hooks = TrainingHooks.of(model) if hooks is None else hooks
     state = read_json(folder / "trainer_state.json", "trainer state")
     if state.get("format") != FORMAT:
         raise CheckpointError(f"'{folder / 'trainer_state.json'}': format {state.get('format')!r}, "
@@ -180,8 +188,8 @@ def load_checkpoint(folder, *, model, groups, optimizer, schedule, loader) -> di
                               source=f"'{folder / 'optimizer.safetensors'}'")
     schedule.load_state_dict(state.get("schedule") or {}, source=f"'{folder / 'trainer_state.json'}' schedule")
     loader.load_state_dict(state.get("data") or {}, source=f"'{folder / 'trainer_state.json'}' data cursor")
-    rng, rng_state = getattr(model, "rng", None), state.get("model_rng")
-    if isinstance(rng, np.random.Generator) and rng_state is not None:
+    rng, rng_state = hooks.rng, state.get("model_rng")
+    if rng is not None and rng_state is not None:
         try:  # check on a scratch generator before touching the model's
             type(rng.bit_generator)().state = copy.deepcopy(rng_state)
         except (TypeError, ValueError, KeyError) as exc:
@@ -190,12 +198,11 @@ def load_checkpoint(folder, *, model, groups, optimizer, schedule, loader) -> di
 
     # everything checked: now change the model; first the state a method keeps outside its parameters
     # (ReLoRA's merged updates, DyLoRA's rank), which checks its own files before it changes anything
-    restore = getattr(model, "load_method_state", None)
-    if callable(restore) and (folder / "adapter").is_dir():
-        restore(folder / "adapter")
+    if hooks.load_method_state and (folder / "adapter").is_dir():
+        hooks.load_method_state(folder / "adapter")
     for name, p in named:
         p.data = to_device(np.array(to_numpy(weights[name]), dtype=p.dtype), p.device)
         p.grad = None
-    if isinstance(rng, np.random.Generator) and rng_state is not None:
+    if rng is not None and rng_state is not None:
         rng.bit_generator.state = copy.deepcopy(rng_state)
     return state

@@ -56,6 +56,11 @@ def as_groups(params, default_name: str = "params") -> list[ParameterGroup]:
     return groups
 
 
+def _key(group: ParameterGroup, index: int) -> str:
+    """The state key of a group's index-th parameter (also the checkpoint's: "group/index")."""
+    return f"{group.name}/{index}"
+
+
 class Optimizer:
     """Base class: groups, per-parameter state keyed "group/index", zero_grad, state dicts."""
 
@@ -81,6 +86,17 @@ class Optimizer:
     def params(self):
         return [p for group in self.groups for p in group.params]
 
+    def state_for(self, param) -> dict | None:
+        """The state of ``param`` (found by identity): ``{"step": updates so far, <name>: moment
+        array for each of state_arrays}``, the optimizer's own dict (editing its arrays in place
+        edits the optimizer), or None while it holds none: before the parameter's first update,
+        or when the parameter is not in the groups."""
+        for group in self.groups:
+            for i, p in enumerate(group.params):
+                if p is param:
+                    return self.state.get(_key(group, i))
+        return None
+
     def step(self) -> None:
         """Update every parameter that has a gradient, in place, without recording a graph."""
         with no_grad():
@@ -91,7 +107,7 @@ class Optimizer:
                         continue
                     if not getattr(p.data.flags, "writeable", True):  # e.g. a view of a read-only file buffer
                         p.data = p.data.copy()
-                    key = f"{group.name}/{i}"
+                    key = _key(group, i)
                     if key not in self.state:
                         xp = get_array_module(p.data)
                         self.state[key] = {"step": 0, **{n: xp.zeros_like(p.data) for n in self.state_arrays}}
@@ -118,7 +134,7 @@ class Optimizer:
         if state_dict.get("type") != type(self).__name__:
             raise CheckpointError(f"{source} is for optimizer {state_dict.get('type')!r}, "
                                   f"this run uses {type(self).__name__!r}")
-        params = {f"{g.name}/{i}": p for g in self.groups for i, p in enumerate(g.params)}
+        params = {_key(g, i): p for g in self.groups for i, p in enumerate(g.params)}
         new = {}
         for key, s in state_dict.get("state", {}).items():
             if key not in params:

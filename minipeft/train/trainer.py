@@ -12,6 +12,12 @@ One optimizer update (``step`` = updates already done, 0-based, as the schedule 
     model.on_step_end(step)       (if the model has it)
     model.edit_optimizer_state(step, optimizer)   (if the model has it: ReLoRA's pruning)
 
+The model's optional hooks are looked up once, as a :class:`~.hooks.TrainingHooks` (hooks.py
+says when each is called). Before the first update of a fresh run (not on resume) a model
+with ``calibrate`` gets one pass over the training data in file order (calibration: the
+selective methods' Fisher scores); it draws nothing from the data loader's generator, so
+the training batches are the same with or without it.
+
 Accumulation semantics: the update is the mean of the K micro-batch mean losses, so it
 equals one batch of K·B examples exactly when the micro-batches hold equal numbers of
 target tokens (otherwise tokens of smaller micro-batches weigh more; the large-batch mean
@@ -34,6 +40,7 @@ import sys
 import time
 import warnings
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +52,7 @@ from .arguments import TrainingArguments
 from .batches import BatchLoader, iter_batches
 from .checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import Dataset, Example, load_datasets
+from .hooks import TrainingHooks
 from .metrics import MetricsLog, plot_loss
 from .optim import SGD, AdamW, clip_grad_norm, grad_norm
 from .schedules import Schedule
@@ -76,9 +84,39 @@ def evaluate(model, data: Dataset, batch_size: int = 8) -> dict:
     return {"eval_loss": loss, "eval_ppl": ppl, "eval_tokens": count}
 
 
-def _hook(model, name):
-    fn = getattr(model, name, None)
-    return fn if callable(fn) else None
+@dataclass(frozen=True)
+class _Update:
+    """What one optimizer update reports."""
+
+    loss: float  # mean of the micro-batch losses (regularizer included)
+    tokens: int  # real tokens seen
+    grad_norm: float  # before clipping
+    lr: float  # the base lr times the schedule (a group may scale its own)
+    seconds: float
+
+
+@dataclass
+class _Window:
+    """Sums over the updates since the last metrics line."""
+
+    loss: float = 0.0
+    updates: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class _Run:
+    """What one ``train()`` call tracks from update to update."""
+
+    step: int  # updates done
+    start_step: int  # updates done when this call began (the checkpoint resumed from)
+    last_saved: Path | None  # the newest checkpoint of this run (named in error messages)
+    saved_step: int | None  # the step saved or resumed from by this call; None: no checkpoint to report
+    recent: deque  # the last log_every per-update losses, for the summary's train_loss
+    window: _Window = field(default_factory=_Window)
+    eval_step: int | None = None  # the step of the last evaluation
+    last_eval: dict = field(default_factory=lambda: {"eval_loss": None, "eval_ppl": None})
 
 
 class Trainer:
@@ -100,9 +138,9 @@ class Trainer:
             eval_data = load_datasets(eval_data, tokenizer, args.seq_len, packing=args.packing)[0]
         self.train_data = self._as_dataset(train_data, "train_data")
         self.eval_data = None if eval_data is None else self._as_dataset(eval_data, "eval_data")
+        self.hooks = TrainingHooks.of(model)  # looked up once: see hooks.py for when each is called
         if parameter_groups is None:
-            get = _hook(model, "parameter_groups")
-            parameter_groups = get() if get else [
+            parameter_groups = self.hooks.parameter_groups() if self.hooks.parameter_groups else [
                 ParameterGroup("trainable", [p for p in model.parameters() if p.requires_grad])]
         self.groups = list(parameter_groups)
         if not any(g.params for g in self.groups):
@@ -135,87 +173,127 @@ class Trainer:
 
     def train(self, resume: bool = False) -> dict:
         """Run to ``max_steps`` (continuing the latest checkpoint with ``resume=True``); a summary."""
-        a, model, out = self.args, self.model, Path(self.args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.optimizer = optimizer = self._optimizer()
-        self.schedule = schedule = Schedule(a.schedule, a.warmup_steps, a.max_steps, restart_every=a.restart_every,
-                                            restart_warmup_steps=a.restart_warmup_steps, min_lr_ratio=a.min_lr_ratio)
-        self.loader = loader = BatchLoader(self.train_data, a.batch_size, np.random.default_rng(a.seed))
-        metrics = MetricsLog(out / "metrics.jsonl")
-        parts = dict(model=model, groups=self.groups, optimizer=optimizer, schedule=schedule, loader=loader)
-        last_saved = find_latest_checkpoint(out)
-        if resume:
-            if last_saved is None:
-                raise CheckpointError(f"resume=True, but '{out}' holds no checkpoint (step-N folder)")
-            state = load_checkpoint(last_saved, **parts)
-            step = state["step"]
-            _warn_changed_args(a, state.get("extra", {}).get("args", {}), last_saved)
-            metrics.resume(step)
-        elif last_saved is not None:
-            raise CheckpointError(f"'{out}' already holds checkpoints (latest: {last_saved.name}); pass "
-                                  "resume=True to continue that run, or choose another output_dir")
-        else:
-            step = 0
-            metrics.reset()
-        start_step, saved_step, eval_step = step, (step if resume else None), None
-        last = {"eval_loss": None, "eval_ppl": None}
-        recent = deque(maxlen=a.log_every)  # per-update losses for the summary
-        window = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
-        bar = _progress_bar(a, step)
-        model.train()
+        a = self.args
+        Path(a.output_dir).mkdir(parents=True, exist_ok=True)
+        self.optimizer = self._optimizer()
+        self.schedule = Schedule(a.schedule, a.warmup_steps, a.max_steps, restart_every=a.restart_every,
+                                 restart_warmup_steps=a.restart_warmup_steps, min_lr_ratio=a.min_lr_ratio)
+        self.loader = BatchLoader(self.train_data, a.batch_size, np.random.default_rng(a.seed))
+        self.metrics = MetricsLog(Path(a.output_dir) / "metrics.jsonl")
+        run = self._resume() if resume else self._start()
+        self.model.train()
+        if not resume:
+            self._calibrate()
+        bar = _progress_bar(a, total=a.max_steps, initial=run.step, desc="train", unit="step")
         try:
-            while step < a.max_steps:
-                t0 = time.perf_counter()
-                loss, tokens = self._accumulate(step, last_saved)
-                mask = _hook(model, "mask_gradients")
-                if mask:
-                    mask(step)
-                norm = (clip_grad_norm(self.groups, a.max_grad_norm) if a.max_grad_norm is not None
-                        else grad_norm(self.groups))
-                if not math.isfinite(norm):
-                    raise self._error(step, f"the gradient norm is {norm}", last_saved)
-                optimizer.lr_scale = schedule(step)
-                lr = a.lr * optimizer.lr_scale  # the base lr; groups may scale their own
-                optimizer.step()
-                end = _hook(model, "on_step_end")
-                if end:
-                    end(step)
-                edit = _hook(model, "edit_optimizer_state")
-                if edit:  # the optimizer is the trainer's: methods that prune its state (ReLoRA) get it here
-                    edit(step, optimizer)
-                self._zero_grad()
-                schedule.advance()
-                step += 1
-                recent.append(loss)
-                for key, value in (("loss", loss), ("n", 1), ("tokens", tokens), ("time", time.perf_counter() - t0)):
-                    window[key] += value
-                tok_s = window["tokens"] / max(window["time"], 1e-9)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", refresh=False)
-                bar.update(1)
-                if step % a.log_every == 0 or step == a.max_steps:
-                    metrics.append({"step": step, "loss": window["loss"] / window["n"], "lr": lr,
-                                    "grad_norm": norm, "tokens_per_s": tok_s})
-                    window = {"loss": 0.0, "n": 0, "tokens": 0, "time": 0.0}
-                if self.eval_data is not None and ((a.eval_every and step % a.eval_every == 0)
-                                                   or step == a.max_steps):
-                    last = evaluate(model, self.eval_data, a.eval_batch_size or a.batch_size)
-                    metrics.append({"step": step, **last})
-                    eval_step = step
-                if (a.save_every and step % a.save_every == 0) or step == a.max_steps:
-                    last_saved = save_checkpoint(out, step, **parts, keep=a.keep_checkpoints,
-                                                 extra={"args": dataclasses.asdict(a)})
-                    saved_step = step
-                    plot_loss(metrics.events, out / "loss.png")
+            while run.step < a.max_steps:
+                update = self._step(run.step, run.last_saved)
+                run.step += 1
+                self._log(run, update, bar)
+                self._evaluate_and_save(run)
         finally:
             bar.close()
             self._zero_grad()  # after an error too: a half-accumulated gradient is never useful
-        if self.eval_data is not None and eval_step != step:  # resumed at max_steps: nothing ran
-            last = evaluate(model, self.eval_data, a.eval_batch_size or a.batch_size)
-        plot_loss(metrics.events, out / "loss.png")
-        return {"step": step, "steps_run": step - start_step,
-                "train_loss": sum(recent) / len(recent) if recent else None,
-                "eval_loss": last["eval_loss"], "eval_ppl": last["eval_ppl"],
-                "checkpoint": str(last_saved) if saved_step is not None else None}
+        return self._summary(run)
+
+    def _parts(self) -> dict:
+        """What a checkpoint saves and restores."""
+        return dict(model=self.model, groups=self.groups, optimizer=self.optimizer, schedule=self.schedule,
+                    loader=self.loader, hooks=self.hooks)
+
+    def _start(self) -> _Run:
+        """A fresh run: refused when output_dir already holds checkpoints; metrics.jsonl emptied."""
+        out = Path(self.args.output_dir)
+        last_saved = find_latest_checkpoint(out)
+        if last_saved is not None:
+            raise CheckpointError(f"'{out}' already holds checkpoints (latest: {last_saved.name}); pass "
+                                  "resume=True to continue that run, or choose another output_dir")
+        self.metrics.reset()
+        return _Run(step=0, start_step=0, last_saved=None, saved_step=None,
+                    recent=deque(maxlen=self.args.log_every))
+
+    def _resume(self) -> _Run:
+        """Restore the latest checkpoint (model, optimizer, schedule, data cursor, generators)."""
+        out = Path(self.args.output_dir)
+        last_saved = find_latest_checkpoint(out)
+        if last_saved is None:
+            raise CheckpointError(f"resume=True, but '{out}' holds no checkpoint (step-N folder)")
+        state = load_checkpoint(last_saved, **self._parts())
+        step = state["step"]
+        _warn_changed_args(self.args, state.get("extra", {}).get("args", {}), last_saved)
+        self.metrics.resume(step)
+        return _Run(step=step, start_step=step, last_saved=last_saved, saved_step=step,
+                    recent=deque(maxlen=self.args.log_every))
+
+    def _calibrate(self) -> None:
+        """A fresh run's calibration pass: the model's ``calibrate`` hook gets one pass over the
+        training data in file order (the loader's generator is not touched, so the batches of
+        training, and a resume, are what they would be without it)."""
+        if self.hooks.calibrate is None:
+            return
+        batches = _calibration_batches(self.train_data, self.args)
+        try:
+            self.hooks.calibrate(batches)
+        finally:
+            batches.close()  # closes the progress bar also when calibrate stopped early
+            self._zero_grad()  # gradients of a calibration's backward passes are not the first update's
+
+    def _step(self, step: int, last_saved) -> _Update:
+        """One optimizer update, the ``step``-th (0-based): accumulate, mask, clip, optimizer step, hooks."""
+        a, hooks, t0 = self.args, self.hooks, time.perf_counter()
+        loss, tokens = self._accumulate(step, last_saved)
+        if hooks.mask_gradients:
+            hooks.mask_gradients(step)
+        norm = clip_grad_norm(self.groups, a.max_grad_norm) if a.max_grad_norm is not None else grad_norm(self.groups)
+        if not math.isfinite(norm):
+            raise self._error(step, f"the gradient norm is {norm}", last_saved)
+        self.optimizer.lr_scale = self.schedule(step)
+        lr = a.lr * self.optimizer.lr_scale  # the base lr; groups may scale their own
+        self.optimizer.step()
+        if hooks.on_step_end:
+            hooks.on_step_end(step)
+        if hooks.edit_optimizer_state:  # the optimizer is the trainer's: methods that prune its state (ReLoRA)
+            hooks.edit_optimizer_state(step, self.optimizer)
+        self._zero_grad()
+        self.schedule.advance()
+        return _Update(loss, tokens, norm, lr, time.perf_counter() - t0)
+
+    def _log(self, run: _Run, update: _Update, bar) -> None:
+        """After update ``run.step`` (1-based): the progress bar, and a metrics line every log_every updates."""
+        run.recent.append(update.loss)
+        w = run.window
+        w.loss, w.updates, w.tokens, w.seconds = (w.loss + update.loss, w.updates + 1, w.tokens + update.tokens,
+                                                  w.seconds + update.seconds)
+        tok_s = w.tokens / max(w.seconds, 1e-9)
+        bar.set_postfix(loss=f"{update.loss:.4f}", lr=f"{update.lr:.2e}", tok_s=f"{tok_s:.0f}", refresh=False)
+        bar.update(1)
+        if run.step % self.args.log_every == 0 or run.step == self.args.max_steps:
+            self.metrics.append({"step": run.step, "loss": w.loss / w.updates, "lr": update.lr,
+                                 "grad_norm": update.grad_norm, "tokens_per_s": tok_s})
+            run.window = _Window()
+
+    def _evaluate_and_save(self, run: _Run) -> None:
+        """After update ``run.step``: evaluate every eval_every updates and at the end; the same for checkpoints."""
+        a, step = self.args, run.step
+        if self.eval_data is not None and ((a.eval_every and step % a.eval_every == 0) or step == a.max_steps):
+            run.last_eval = evaluate(self.model, self.eval_data, a.eval_batch_size or a.batch_size)
+            self.metrics.append({"step": step, **run.last_eval})
+            run.eval_step = step
+        if (a.save_every and step % a.save_every == 0) or step == a.max_steps:
+            run.last_saved = save_checkpoint(a.output_dir, step, **self._parts(), keep=a.keep_checkpoints,
+                                             extra={"args": dataclasses.asdict(a)})
+            run.saved_step = step
+            plot_loss(self.metrics.events, Path(a.output_dir) / "loss.png")
+
+    def _summary(self, run: _Run) -> dict:
+        a = self.args
+        if self.eval_data is not None and run.eval_step != run.step:  # resumed at max_steps: nothing ran
+            run.last_eval = evaluate(self.model, self.eval_data, a.eval_batch_size or a.batch_size)
+        plot_loss(self.metrics.events, Path(a.output_dir) / "loss.png")
+        return {"step": run.step, "steps_run": run.step - run.start_step,
+                "train_loss": sum(run.recent) / len(run.recent) if run.recent else None,
+                "eval_loss": run.last_eval["eval_loss"], "eval_ppl": run.last_eval["eval_ppl"],
+                "checkpoint": str(run.last_saved) if run.saved_step is not None else None}
 
     def _zero_grad(self) -> None:
         self.optimizer.zero_grad()
@@ -225,7 +303,7 @@ class Trainer:
     def _accumulate(self, step: int, last_saved) -> tuple[float, int]:
         """Forward + backward of grad_accum_steps micro-batches; (mean loss, real tokens)."""
         k, total, tokens = self.args.grad_accum_steps, 0.0, 0
-        regularizer = _hook(self.model, "regularizer")
+        regularizer = self.hooks.regularizer
         for _ in range(k):
             batch = self.loader.next_batch()
             out = self.model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
@@ -265,9 +343,22 @@ def _warn_changed_args(args: TrainingArguments, saved: dict, folder) -> None:
                       "continue exactly as it would have", stacklevel=3)
 
 
-def _progress_bar(args: TrainingArguments, step: int):
+def _progress_bar(args: TrainingArguments, *, total: int, initial: int = 0, desc: str, unit: str):
+    """A tqdm bar on stderr, shown only when it is a terminal and ``args.progress`` is set."""
     from tqdm import tqdm  # noqa: PLC0415 - only the trainer needs it
 
     enabled = args.progress and sys.stderr.isatty()
-    return tqdm(total=args.max_steps, initial=step, file=sys.stderr, disable=not enabled,
-                desc="train", unit="step", dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, file=sys.stderr, disable=not enabled,
+                desc=desc, unit=unit, dynamic_ncols=True)
+
+
+def _calibration_batches(data: Dataset, args: TrainingArguments):
+    """The training data in file order, ``batch_size`` examples at a time, with a progress bar.
+
+    A generator: the bar appears at the first batch taken (a model whose methods do not
+    calibrate shows none) and closes when the generator is exhausted or closed."""
+    bar = _progress_bar(args, total=-(-len(data) // args.batch_size), desc="calibrate", unit="batch")
+    with bar:
+        for batch in iter_batches(data, args.batch_size):
+            yield batch
+            bar.update(1)

@@ -145,3 +145,25 @@ def test_clip_grad_norm_matches_torch(max_norm):
     assert total == pytest.approx(float(want), rel=1e-6)
     for p, t in zip(ps, tps):
         np.testing.assert_allclose(p.grad, t.grad.numpy(), rtol=1e-6, atol=1e-7)
+
+
+def test_state_for_is_the_live_per_parameter_state():
+    arrays, grads = _setup()
+    ps, groups = _groups(arrays)
+    outside = Parameter(np.zeros(3, np.float32))
+    opt = AdamW(groups, lr=0.1)
+    assert opt.state_for(ps[0]) is None and opt.state_for(outside) is None  # before its first update
+    for p, g in zip(ps, grads[0]):
+        p.grad = g.copy()
+    ps[1].grad = None  # no gradient: no update, no state
+    opt.step()
+    state = opt.state_for(ps[2])
+    assert state is opt.state["b/0"] and state["step"] == 1 and set(state) == {"step", "exp_avg", "exp_avg_sq"}
+    assert opt.state_for(ps[1]) is None and opt.state_for(outside) is None
+    state["exp_avg"][...] = 0  # editing it edits the optimizer (what ReLoRA's pruning relies on)
+    assert not opt.state_dict()["state"]["b/0"]["exp_avg"].any()
+    sgd = SGD(groups, lr=0.1, momentum=0.9)
+    for p, g in zip(ps, grads[1]):
+        p.grad = g.copy()
+    sgd.step()
+    assert set(sgd.state_for(ps[0])) == {"step", "momentum_buffer"}

@@ -118,3 +118,26 @@ def test_a_checkpoint_that_does_not_fit_changes_nothing(tmp_path):
         load_checkpoint(tmp_path / "run" / "step-2", model=model, groups=other, optimizer=trainer.optimizer,
                         schedule=trainer.schedule, loader=trainer.loader)
     assert all(np.array_equal(a, p.data) for a, p in zip(before, model.parameters()))
+
+
+def test_hooks_given_to_save_checkpoint_replace_the_model_lookup(tmp_path):
+    from minipeft.train import TrainingHooks
+
+    model, data = FakeAdapter(), _data()
+    args = TrainingArguments(str(tmp_path / "run"), max_steps=1, batch_size=2, progress=False, seq_len=16)
+    trainer = Trainer(model, args, data)
+    trainer.train()
+    assert (tmp_path / "run" / "step-1" / "adapter").is_dir()
+    state = json.loads((tmp_path / "run" / "step-1" / "trainer_state.json").read_text())
+    assert state["model_rng"] == model.rng.bit_generator.state
+    parts = dict(model=model, groups=trainer.groups, optimizer=trainer.optimizer, schedule=trainer.schedule,
+                 loader=trainer.loader)
+    folder = ckpt.save_checkpoint(tmp_path / "bare", 1, **parts, hooks=TrainingHooks())  # no hooks at all
+    assert not (folder / "adapter").exists()
+    assert json.loads((folder / "trainer_state.json").read_text())["model_rng"] is None
+    before = model.rng.bit_generator.state
+    model.rng.random(5)
+    load_checkpoint(tmp_path / "run" / "step-1", **parts, hooks=TrainingHooks())
+    assert model.rng.bit_generator.state != before  # the generator was not restored: no rng hook
+    load_checkpoint(tmp_path / "run" / "step-1", **parts)  # looked up on the model: restored
+    assert model.rng.bit_generator.state == before

@@ -160,14 +160,14 @@ def prune_optimizer_state(optimizer, params, ratio: float) -> None:
     """Keep, for each of ``params``, the entries of its first moment array (AdamW's m, SGD's
     momentum) with the largest |value|, and the same entries of the others (AdamW's v); zero
     the rest, in place."""
-    ids = {id(p) for p in params}
-    for group in optimizer.groups:
-        for i, p in enumerate(group.params):
-            state = optimizer.state.get(f"{group.name}/{i}")
-            if id(p) in ids and state and optimizer.state_arrays:
-                keep = magnitude_mask(state[optimizer.state_arrays[0]], ratio)
-                for key in optimizer.state_arrays:
-                    state[key] *= keep
+    pruned = set()
+    for p in params:
+        state = optimizer.state_for(p)  # None before its first update or outside the optimizer
+        if state and optimizer.state_arrays and id(p) not in pruned:
+            pruned.add(id(p))  # a parameter listed twice is pruned once
+            keep = magnitude_mask(state[optimizer.state_arrays[0]], ratio)
+            for key in optimizer.state_arrays:
+                state[key] *= keep
 
 
 # ----- hooks the trainer calls through PeftModel ------------------------------------------
