@@ -19,32 +19,9 @@ import argparse
 import shutil
 from pathlib import Path
 
-import numpy as np
-
 import minipeft as mp
-from minipeft.train import Trainer, TrainingArguments, evaluate
-from story_data import DATA, bundled_model_and_stories
-
-
-
-def sample_stories(model, tok, n=24, seed=0):
-    """n stories from BOS (temperature 0.8), and the greedy one."""
-    with mp.no_grad():
-        greedy = model.generate(np.array([[tok.bos_token_id]]), max_new_tokens=60)
-        sampled = model.generate(np.full((n, 1), tok.bos_token_id), max_new_tokens=80, temperature=0.8, seed=seed)
-    return tok.decode(greedy[0].tolist()), [tok.decode(row.tolist()) for row in sampled]
-
-
-def report(title, model, tok, evals):
-    metrics = evaluate(model, evals, batch_size=8)
-    greedy, stories = sample_stories(model, tok)
-    lily = sum("Lily" in s for s in stories)
-    zoe = sum("Zoe" in s for s in stories)
-    print(f"\n== {title} ==")
-    print(f"eval loss {metrics['eval_loss']:.4f}  perplexity {metrics['eval_ppl']:.3f}")
-    print(f"greedy: {greedy}")
-    print(f"{len(stories)} sampled stories: {lily} mention Lily, {zoe} mention Zoe")
-    return metrics
+from minipeft.train import Trainer, TrainingArguments
+from story_data import DATA, bundled_model_and_stories, report
 
 
 def main():
