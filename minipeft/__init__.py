@@ -14,11 +14,12 @@ from .data import bundled_model_path
 from .errors import CheckpointError, ConfigError, DataError, DeviceError, InputError, MiniPeftError
 from .io.tokenizer import Tokenizer
 from .models import KVCache, LlamaConfig, LlamaForCausalLM
+from .peft.additive.proxy_tuning import ProxyTuning
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "DeviceError", "InputError", "KVCache", "LlamaConfig",
-    "LlamaForCausalLM", "MiniPeftError", "Tensor", "Tokenizer", "bundled_model_path", "no_grad", "peft",
+    "LlamaForCausalLM", "MiniPeftError", "ProxyTuning", "Tensor", "Tokenizer", "bundled_model_path", "no_grad", "peft",
     "train",
 ]

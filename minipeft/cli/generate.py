@@ -22,6 +22,13 @@ def add_parser(sub) -> None:
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    proxy = p.add_argument_group("proxy-tuning (Liu et al., 2024): steer --model, untouched, with a small "
+                                 "tuned model's logit shift z = z_model + A (z_expert - z_antiexpert)")
+    proxy.add_argument("--proxy-expert", metavar="DIR", default=None, help="the tuned small model's folder")
+    proxy.add_argument("--proxy-expert-adapter", metavar="DIR", default=None,
+                       help="a PEFT adapter folder applied to the expert (the tuning, when it is an adapter)")
+    proxy.add_argument("--proxy-antiexpert", metavar="DIR", default=None, help="the untuned small model's folder")
+    proxy.add_argument("--proxy-alpha", type=float, default=1.0, metavar="A", help="strength of the shift (1.0)")
     p.set_defaults(run=run)
 
 
@@ -42,16 +49,41 @@ def continuation_text(tokenizer: Tokenizer, prompt: str, ids: list[int], new_ids
     return full[len(prompt_text):] if full.startswith(prompt_text) else tokenizer.decode(new_ids)
 
 
-def run(args) -> int:
-    folder = model_folder(args)
+def proxy_model(args, folder: str):
+    """The proxy-tuned decoder the --proxy-* options ask for (None when none is given)."""
+    if args.proxy_expert is None and args.proxy_antiexpert is None:
+        if args.proxy_expert_adapter is not None:
+            raise InputError("--proxy-expert-adapter needs --proxy-expert and --proxy-antiexpert")
+        return None
+    if args.proxy_expert is None or args.proxy_antiexpert is None:
+        raise InputError("proxy-tuning needs both --proxy-expert and --proxy-antiexpert")
+    if args.adapter or args.rank is not None:
+        raise InputError("--adapter / --rank apply to a model alone; with proxy-tuning put the tuning in the "
+                         "expert (--proxy-expert-adapter)")
+    from ..peft.additive.proxy_tuning import ProxyTuning  # noqa: PLC0415 - only when asked for
+
+    return ProxyTuning.from_folders(folder, args.proxy_expert, args.proxy_antiexpert,
+                                    expert_adapter=args.proxy_expert_adapter, alpha=args.proxy_alpha,
+                                    device=args.device)
+
+
+def load_model(args, folder: str):
+    """The model (or proxy-tuned decoder) the options ask for; anything with ``.generate``."""
+    proxy = proxy_model(args, folder)
+    if proxy is not None:
+        return proxy
     if args.adapter:
         from .merge import load_with_adapter  # noqa: PLC0415 - PEFT only when asked for
 
-        model = load_with_adapter(folder, args.adapter, args.device, rank=args.rank)
-    elif args.rank is not None:
+        return load_with_adapter(folder, args.adapter, args.device, rank=args.rank)
+    if args.rank is not None:
         raise InputError("--rank needs --adapter (a DyLoRA adapter folder)")
-    else:
-        model = LlamaForCausalLM.from_pretrained(folder, device=args.device)
+    return LlamaForCausalLM.from_pretrained(folder, device=args.device)
+
+
+def run(args) -> int:
+    folder = model_folder(args)
+    model = load_model(args, folder)
     tokenizer = Tokenizer.from_pretrained(folder)
     ids = prompt_ids(tokenizer, args.prompt)
     start = time.perf_counter()

@@ -17,6 +17,11 @@ The folders follow the survey's taxonomy (DESIGN.md):
              add_weighted_adapter (combine.py), LoRAHub (lorahub.py, CMA-ES in es.py);
 * additive/  methods that add parameters: at the input, inside the model, at the output.
 """
+from .additive.adapter_fusion import AdapterFusionConfig
+from .additive.bottleneck import BnConfig, DoubleSeqBnConfig, SeqBnConfig
+from .additive.ia3 import IA3Config
+from .additive.prefix_tuning import PrefixTuningConfig
+from .additive.prompt_tuning import PromptTuningConfig
 from .core import registry
 from .core.config import BaseConfig, PeftConfig
 from .core.peft_model import PeftModel, get_peft_model
@@ -28,6 +33,7 @@ from .lowrank.lora import LoraConfig
 from .lowrank.lorahub import LoraHub, LoraHubConfig
 from .lowrank.relora import ReLoraConfig
 
-__all__ = ["METHODS", "REGISTRY", "AdaLoraConfig", "BaseConfig", "DyLoraConfig", "LoraConfig", "LoraHub",
+__all__ = ["METHODS", "REGISTRY", "AdaLoraConfig", "AdapterFusionConfig", "BaseConfig", "BnConfig",
+           "DoubleSeqBnConfig", "DyLoraConfig", "IA3Config", "LoraConfig", "PrefixTuningConfig", "PromptTuningConfig", "LoraHub", "SeqBnConfig",
            "LoraHubConfig", "PeftConfig", "PeftMethod", "PeftModel", "ReLoraConfig", "add_weighted_adapter",
            "get_peft_model", "registry"]

@@ -24,6 +24,11 @@ from minipeft.backend import to_numpy
 from minipeft.errors import ConfigError
 from minipeft.nn import Embedding, Linear
 from minipeft.peft import REGISTRY, LoraConfig, PeftModel, get_peft_model
+from minipeft.peft.additive.adapter_fusion import AdapterFusionConfig
+from minipeft.peft.additive.bottleneck import DoubleSeqBnConfig, SeqBnConfig
+from minipeft.peft.additive.ia3 import IA3Config
+from minipeft.peft.additive.prefix_tuning import PrefixTuningConfig
+from minipeft.peft.additive.prompt_tuning import PromptTuningConfig
 from minipeft.peft.lowrank.adalora import AdaLoraConfig
 from minipeft.peft.lowrank.dylora import DyLoraConfig
 from minipeft.peft.lowrank.relora import ReLoraConfig
@@ -37,6 +42,8 @@ from tests.peft.helpers import (
     token_ids,
     weighted_logits,
 )
+from tests.peft.additive.test_bottleneck import bottleneck_count
+from tests.peft.additive.test_ia3 import ia3_count
 
 
 @dataclass(frozen=True)
@@ -90,10 +97,50 @@ CASES = [
          {"q_proj": 4, "down_proj": 4}),
     # ----- additive methods (each block owned by its method's file) -----
     # ia3 rows
+    # out per output-scaled target + in per feed-forward (input-scaled) target
+    Case("ia3", IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), {},
+         count=lambda base: ia3_count(base, IA3Config(target_modules=["k_proj", "v_proj", "down_proj"],
+                                                      feedforward_modules=["down_proj"]))),
+    Case("ia3_bias_random_init", IA3Config(target_modules=["q_proj", "v_proj", "o_proj", "up_proj"],
+                                           feedforward_modules=["o_proj", "up_proj"], init_ia3_weights=False), {},
+         model={"attention_bias": True}, identity=False,
+         count=lambda base: ia3_count(base, IA3Config(target_modules=["q_proj", "v_proj", "o_proj", "up_proj"],
+                                                      feedforward_modules=["o_proj", "up_proj"]))),
     # prompt tuning rows
+    # P·d (d = hidden_size); SAMPLE_VOCAB starts from rows of the embedding matrix
+    Case("prompt", PromptTuningConfig(num_virtual_tokens=3), {}, identity=False, mergeable=False,
+         count=lambda base: 3 * base.config.hidden_size),
+    Case("prompt_sample_vocab", PromptTuningConfig(num_virtual_tokens=5, prompt_tuning_init="SAMPLE_VOCAB"), {},
+         identity=False, mergeable=False, count=lambda base: 5 * base.config.hidden_size),
     # prefix tuning rows
+    # P·2·L·D with D = head_dim·Hkv (GQA, as PEFT); with the projection P·D + D·h + h + h·2LD + 2LD
+    Case("prefix", PrefixTuningConfig(num_virtual_tokens=3), {}, identity=False, mergeable=False,
+         count=lambda base: 3 * 2 * base.config.num_hidden_layers * base.config.head_dim
+         * base.config.num_key_value_heads),
+    Case("prefix_projection", PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True, encoder_hidden_size=5),
+         {}, identity=False, mergeable=False,
+         count=lambda base: (lambda P, D, h, W: P * D + D * h + h + h * W + W)(
+             3, base.config.head_dim * base.config.num_key_value_heads, 5,
+             2 * base.config.num_hidden_layers * base.config.head_dim * base.config.num_key_value_heads)),
     # bottleneck rows
+    # per adapter site 2·m·d + m + d, m = d // reduction_factor; houlsby: two sites per layer, pfeiffer one
+    Case("houlsby", DoubleSeqBnConfig(reduction_factor=8), {}, identity=False, mergeable=False,
+         count=lambda base: bottleneck_count(base, DoubleSeqBnConfig(reduction_factor=8))),
+    Case("pfeiffer", SeqBnConfig(), {}, identity=False, mergeable=False,
+         count=lambda base: bottleneck_count(base, SeqBnConfig())),
+    Case("pfeiffer_mam_adapter", SeqBnConfig(init_weights="mam_adapter", non_linearity="gelu_new", scaling=0.5), {},
+         mergeable=False, count=lambda base: bottleneck_count(base, SeqBnConfig())),
+    Case("houlsby_dropout_leave_out", DoubleSeqBnConfig(reduction_factor={"0": 4, "default": 16}, dropout=0.25,
+                                                        init_weights="houlsby", leave_out=[1]), {},
+         identity=False, mergeable=False,
+         count=lambda base: bottleneck_count(base, DoubleSeqBnConfig(reduction_factor={"0": 4, "default": 16},
+                                                                     leave_out=[1]))),
     # adapter fusion rows
+    # only the fusion trains: per fused join Q (d·d + d), K (d·d + d), V (d·d); the fused adapters stay frozen
+    Case("fusion", AdapterFusionConfig(adapters=(SeqBnConfig(), SeqBnConfig(non_linearity="swish", reduction_factor=8)),
+                                       adapter_names=("a", "b")), {}, identity=False, mergeable=False,
+         count=lambda base: base.config.num_hidden_layers * (3 * base.config.hidden_size ** 2
+                                                             + 2 * base.config.hidden_size)),
 ]
 IDS = [c.id for c in CASES]
 

@@ -38,6 +38,7 @@ def inject(peft_model, name: str, config, for_loading: bool = False) -> None:
     model = peft_model.base_model.model
     if isinstance(config, PeftConfig):  # a method that adapts named modules
         config = targeting.resolve_target_modules(model, config, method.default_target_modules)
+    config = config.for_model(model)  # sizes PEFT fills in from the model (prompt learning: num_layers ...)
     method.apply(model, config.for_loading() if for_loading else config, peft_model.rng, adapter_name=name)
     add_modules_to_save(model, getattr(config, "modules_to_save", None), name)
     peft_model.peft_config[name] = config

@@ -71,6 +71,11 @@ class BaseConfig:
         whose init rewrites base weights (LoRA's PiSSA) switch that init off."""
         return self
 
+    def for_model(self, model) -> "BaseConfig":
+        """The config with the sizes PEFT fills in from the model made explicit (prompt learning's
+        ``num_layers``, ``token_dim`` ...), as PEFT stores them; checked against the model."""
+        return self
+
     # ----- adapter_config.json ------------------------------------------------------
     def to_dict(self) -> dict:
         """PEFT's ``adapter_config.json`` object: every key PEFT writes, sets/tuples as lists."""

@@ -18,8 +18,9 @@ Where a method attaches (DESIGN.md, "Where a method attaches"):
   embeddings and prefixes the attention mask with ones, the labels with -100 and shifts
   the positions (real tokens at P..P+T-1), also in generation with the KV cache.
 * **attention keys / values** -- ``prefix_key_values(peft_model, name, batch_size)`` returns,
-  per layer, (K, V) of shape (B, Hkv, P, Dh), already rotated (they are used as a KV
-  cache is); PeftModel puts them in front of the sequence's own, differentiably.
+  per layer, (K, V) of shape (B, Hkv, P, Dh), in the cache's post-RoPE space (used as
+  given, never rotated, as PEFT injects past_key_values); PeftModel writes them into the KV
+  cache in front of the sequence's own, differentiably.
 * **between sublayers** -- ``apply`` sets a decoder layer's ``attention_adapters`` /
   ``output_adapters`` (models/llama.py): the residual join after attention / after the MLP
   (bottleneck adapters, AdapterFusion).

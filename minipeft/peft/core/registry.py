@@ -15,6 +15,10 @@ from types import MappingProxyType
 from typing import Mapping
 
 from ...errors import ConfigError
+from ..additive import adapter_fusion, bottleneck
+from ..additive import ia3
+from ..additive import prefix_tuning
+from ..additive import prompt_tuning
 from ..lowrank import adalora, dylora, lora, relora
 from .config import PeftConfig
 from .method import CliOption, CliSpec, PeftMethod
@@ -26,6 +30,11 @@ METHODS: tuple[PeftMethod, ...] = (
     dylora.METHOD,
     relora.METHOD,
     # additive
+    prompt_tuning.METHOD,
+    prefix_tuning.METHOD,
+    ia3.METHOD,
+    bottleneck.METHOD,
+    adapter_fusion.METHOD,
 )
 REGISTRY: Mapping[str, PeftMethod] = MappingProxyType({m.peft_type: m for m in METHODS})
 

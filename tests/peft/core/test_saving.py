@@ -104,8 +104,8 @@ def test_missing_files_and_bad_configs_get_clear_errors(tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4,')
     with pytest.raises(ConfigError, match="not valid JSON"):
         PeftModel.from_pretrained(tiny_model(), tmp_path)
-    (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}')
-    with pytest.raises(ConfigError, match="unknown peft_type 'IA3'"):
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "VERA"}')
+    with pytest.raises(ConfigError, match="unknown peft_type 'VERA'"):
         PeftModel.from_pretrained(tiny_model(), tmp_path)
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "target_modules": ["q_proj"]}')
     with pytest.raises(CheckpointError, match="adapter_model.safetensors' does not exist"):

@@ -1,0 +1,151 @@
+"""Hugging Face PEFT as the oracle for IA3: adapter files cross in both directions with the same
+logits, merge_and_unload gives PEFT's merged model, two active adapters multiply as in PEFT, and
+the trainable-parameter line and config keys are PEFT's. Runs where torch, transformers and peft
+are installed (CI installs them)."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from tests.peft.helpers import hf_checkpoint, hf_model, import_oracles, printed, randomize, token_ids
+
+torch, transformers, peft = import_oracles()
+
+import minipeft as mp  # noqa: E402
+from minipeft.peft import PeftModel, get_peft_model  # noqa: E402
+from minipeft.peft.additive.ia3 import IA3Config  # noqa: E402
+
+MODELS = {"gqa": {}, "mha_bias": {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True}}
+CASES = {
+    "default": ("gqa", dict()),
+    "explicit": ("gqa", dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+    "bias_attention_and_mlp": ("mha_bias", dict(target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+                                                feedforward_modules=["o_proj", "down_proj"])),
+    "regex": ("mha_bias", dict(target_modules=r".*\.(k_proj|gate_proj|up_proj)",
+                               feedforward_modules=r".*\.1\.mlp\.up_proj")),
+    "all_linear_saved_head": ("gqa", dict(target_modules="all-linear", feedforward_modules=["down_proj"],
+                                          modules_to_save=["lm_head"])),
+}
+IDS = list(CASES)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    return {name: hf_checkpoint(root / name, **overrides) for name, overrides in MODELS.items()}
+
+
+def ours(folder):
+    return mp.LlamaForCausalLM.from_pretrained(folder)
+
+
+def our_logits(model, ids):
+    with mp.no_grad():
+        return model(ids).logits.numpy()
+
+
+def their_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.numpy()
+
+
+def assert_close(got, expected, atol=1e-5):
+    diff = np.abs(got - expected).max()
+    assert diff <= atol * max(1.0, np.abs(expected).max()), diff
+
+
+def peft_randomize(model, seed=5, scale=0.3):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_an_adapter_saved_here_loads_in_peft(case, folders, tmp_path):
+    kind, config = CASES[case]
+    peft_model = get_peft_model(ours(folders[kind]), IA3Config(**config))
+    randomize(peft_model)
+    expected = our_logits(peft_model.eval(), token_ids())
+    peft_model.save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = peft.PeftModel.from_pretrained(hf_model(folders[kind]), str(tmp_path))
+    complaints = [str(w.message) for w in caught if any(s in str(w.message) for s in ("nexpected", "issing"))]
+    assert not complaints
+    assert_close(their_logits(theirs, token_ids()), expected)
+
+
+@pytest.mark.parametrize("case", IDS)
+def test_an_adapter_saved_by_peft_loads_here(case, folders, tmp_path):
+    kind, config = CASES[case]
+    theirs = peft.get_peft_model(hf_model(folders[kind]), peft.IA3Config(task_type="CAUSAL_LM", **config))
+    peft_randomize(theirs)
+    expected = their_logits(theirs.eval(), token_ids())
+    theirs.save_pretrained(str(tmp_path))
+    loaded = PeftModel.from_pretrained(ours(folders[kind]), tmp_path)
+    assert_close(our_logits(loaded, token_ids()), expected)
+
+
+def test_peft_random_init_loads_here(folders, tmp_path):
+    """init_ia3_weights=False: PEFT's torch.randn vectors, used as they are."""
+    theirs = peft.get_peft_model(hf_model(folders["gqa"]), peft.IA3Config(init_ia3_weights=False))
+    expected = their_logits(theirs.eval(), token_ids())
+    theirs.save_pretrained(str(tmp_path))
+    loaded = PeftModel.from_pretrained(ours(folders["gqa"]), tmp_path)
+    assert loaded.peft_config["default"].init_ia3_weights is False
+    assert_close(our_logits(loaded, token_ids()), expected)
+
+
+@pytest.mark.parametrize("case", ["explicit", "bias_attention_and_mlp"])
+def test_merge_and_unload_gives_the_model_peft_merges(case, folders, tmp_path):
+    kind, config = CASES[case]
+    peft_model = get_peft_model(ours(folders[kind]), IA3Config(**config))
+    randomize(peft_model)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merged = peft_model.merge_and_unload()
+    merged.save_pretrained(tmp_path / "merged")  # a folder transformers loads
+    theirs = peft.PeftModel.from_pretrained(hf_model(folders[kind]), str(tmp_path / "adapter")).merge_and_unload()
+    ids = token_ids()
+    assert_close(our_logits(merged, ids), their_logits(theirs, ids))
+    assert_close(their_logits(hf_model(tmp_path / "merged"), ids), their_logits(theirs, ids))
+    ours_state = dict(merged.named_parameters())
+    for name, tensor in theirs.state_dict().items():  # the same W and b, element by element
+        if name in ours_state:
+            np.testing.assert_allclose(ours_state[name].data, tensor.numpy(), rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_two_active_adapters_multiply_as_in_peft(folders, tmp_path):
+    kind, config = CASES["bias_attention_and_mlp"]
+    theirs = peft.get_peft_model(hf_model(folders[kind]), peft.IA3Config(**config), adapter_name="one")
+    theirs.add_adapter("two", peft.IA3Config(**config))
+    peft_randomize(theirs.base_model)  # only "one" is trainable here
+    theirs.base_model.set_adapter("two")
+    peft_randomize(theirs.base_model, seed=6)
+    theirs.save_pretrained(str(tmp_path))
+    theirs.base_model.set_adapter(["one", "two"])
+    expected = their_logits(theirs.eval(), token_ids())
+    loaded = PeftModel.from_pretrained(ours(folders[kind]), tmp_path / "one", adapter_name="one")
+    loaded.load_adapter(tmp_path / "two", adapter_name="two")
+    loaded.set_adapter(["one", "two"])
+    assert_close(our_logits(loaded.eval(), token_ids()), expected)
+
+
+@pytest.mark.parametrize("config", [dict(), dict(target_modules="all-linear", feedforward_modules=["down_proj"]),
+                                    dict(target_modules=["q_proj"], modules_to_save=["lm_head"])],
+                         ids=["default", "all_linear", "modules_to_save"])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_the_trainable_parameter_line_is_peft_character_for_character(config, kind, folders):
+    mine = printed(get_peft_model(ours(folders[kind]), IA3Config(**config)).print_trainable_parameters)
+    theirs = printed(peft.get_peft_model(hf_model(folders[kind]), peft.IA3Config(**config))
+                     .print_trainable_parameters)
+    assert mine == theirs
+
+
+def test_the_config_file_has_exactly_peft_keys_and_peft_refuses_what_we_refuse():
+    assert set(IA3Config().to_dict()) == set(peft.IA3Config().to_dict())
+    with pytest.raises(ValueError, match="subset"):
+        peft.IA3Config(target_modules=["k_proj"], feedforward_modules=["down_proj"])
