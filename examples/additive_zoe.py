@@ -65,7 +65,7 @@ def main():
         model.save_pretrained(folder)
         rows.append((name, family, trainable, report(f"{name} (lr {lr:g})", model, tok, evals), seconds))
 
-    print(f"\n| method | family | trainable params | eval loss | stories naming Lily | naming Zoe | train time |")
+    print("\n| method | family | trainable params | eval loss | stories naming Lily | naming Zoe | train time |")
     print("|---|---|---|---|---|---|---|")
     for name, family, trainable, m, seconds in rows:
         print(f"| {name} | {family} | {trainable:,d} | {m['eval_loss']:.4f} | {m['lily']}/{m['stories']} | "

@@ -81,7 +81,7 @@ def main():
                      evaluate(single, held_out)["eval_loss"]))
     rows.append(("fusion, untrained (V = I)", None, before))
     rows.append(("AdapterFusion", evaluate(fused, fewshot)["eval_loss"], evaluate(fused, held_out)["eval_loss"]))
-    print(f"\n| model | few-shot loss | held-out loss |\n|---|---|---|")
+    print("\n| model | few-shot loss | held-out loss |\n|---|---|---|")
     for label, few, held in rows:
         print(f"| {label} | {'-' if few is None else f'{few:.4f}'} | {held:.4f} |")
     print(f"\nfused adapter: {out / 'fusion'}")

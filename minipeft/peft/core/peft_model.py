@@ -14,15 +14,9 @@ trainable parameters are returned as explicit groups by :meth:`parameter_groups`
 (``lora:default``, ``modules_to_save:default``, ``bias:default``). Adding, switching,
 deleting, disabling and merging adapters is in adapters.py.
 
-The forward runs the adapted model. Methods that add virtual tokens (core/method.py)
-are plumbed in here, for training, plain calls and generation alike:
-* prompt tuning: ``inputs_embeds = [P prompt vectors; E[ids]]``, the attention mask and
-  the labels prefixed with P ones / P × −100, real tokens at positions P..P+T−1; the
-  logits cover the P virtual positions too (B, P + T, V), as PEFT's do;
-* prefix tuning: per layer P keys and values in front of the sequence's own, written
-  into the KV cache first (a fresh one when none is given), mask prefixed with ones,
-  real tokens at positions P..P+T−1; logits (B, T, V).
-In generation the virtual tokens go in with the first step only: they stay in the cache.
+The forward runs the adapted model; the methods that add virtual tokens (prompt and
+prefix tuning) are plumbed in by virtual_tokens.py, and :meth:`PeftModel.generate` runs the
+adapted model too, so they are never dropped at generation.
 
 Training hooks the trainer calls by name (train/hooks.py lists them): :meth:`regularizer`,
 :meth:`mask_gradients`, :meth:`calibrate`, :meth:`on_step_end`, :meth:`edit_optimizer_state`
@@ -37,14 +31,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...autograd import ops
-from ...autograd.fused import IGNORE_INDEX
 from ...autograd.tensor import Tensor
-from ...backend import random_generator, to_device, to_numpy
-from ...errors import ConfigError
-from ...models.kv_cache import KVCache
+from ...backend import random_generator
 from ...nn import Module, ParameterGroup
-from . import adapters, registry, saving, targeting
+from . import adapters, registry, saving, targeting, virtual_tokens
 from .base import BASE_ROWS, AdapterHolder, AdapterLayer, ModulesToSaveWrapper, layers_holding
 from .config import PeftConfig
 from .names import adapter_folder
@@ -142,7 +132,8 @@ class PeftModel(Module):
         if adapter_names is None:
             virtual = self.virtual_token_adapter()
             if virtual is not None:
-                return self._forward_virtual(*virtual, input_ids, attention_mask, labels, **kwargs)
+                return virtual_tokens.forward_with_virtual_tokens(self, *virtual, input_ids, attention_mask,
+                                                                  labels, **kwargs)
             return model(input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         rows = len(kwargs["inputs_embeds"]) if input_ids is None else len(input_ids)
         self._check_mixed_batch(list(adapter_names), rows)
@@ -163,57 +154,8 @@ class PeftModel(Module):
         return generate(self, input_ids, **kwargs)
 
     def virtual_token_adapter(self):
-        """(method, name) of the active adapter that adds virtual tokens (prompt / prefix
-        tuning), or None; only one may run at a time (as in PEFT)."""
-        if self.state.disabled:
-            return None
-        found = [(m, n) for n in self.state.active if n in self.peft_config
-                 for m in [registry.get_method(self.peft_config[n].peft_type)]
-                 if m.prompt_embeddings is not None or m.prefix_key_values is not None]
-        if len(found) > 1:
-            raise ConfigError(f"adapters {[n for _, n in found]} each add virtual tokens; only one can be active")
-        return found[0] if found else None
-
-    def _forward_virtual(self, method, name, input_ids, attention_mask, labels, position_ids=None, cache=None,
-                         inputs_embeds=None):
-        """The forward with adapter ``name``'s virtual tokens: the plumbing of the docstring."""
-        model = self.base_model.model
-        first = cache is None or cache.length == 0  # virtual tokens go in once, then live in the cache
-        batch = inputs_embeds.shape[0] if inputs_embeds is not None else len(input_ids)
-        count, own_cache = self.peft_config[name].num_virtual_tokens, None
-        if method.prompt_embeddings is not None:
-            if inputs_embeds is None:
-                inputs_embeds = model.input_embeddings(input_ids)
-            if first:
-                prompts = method.prompt_embeddings(self, name, batch)  # (B, P, hidden)
-                inputs_embeds = ops.concat([prompts, inputs_embeds], axis=1)
-            input_ids = None
-        else:
-            if cache is None:
-                cache = own_cache = KVCache(model.config.num_hidden_layers)
-            if first:
-                for layer, (keys, values) in enumerate(method.prefix_key_values(self, name, batch)):
-                    cache.update(layer, keys, values)
-                cache.advance(count)
-        device, added = model.device, count if (first and method.prompt_embeddings is not None) else 0
-        if attention_mask is not None:  # the virtual positions are real: every token may read them
-            mask = to_numpy(attention_mask.data if isinstance(attention_mask, Tensor) else attention_mask)
-            attention_mask = np.concatenate([np.ones((mask.shape[0], count), dtype=np.int64), mask], axis=1)
-        if labels is not None and added:
-            labels = to_numpy(labels.data if isinstance(labels, Tensor) else labels)
-            labels = np.concatenate([np.full((labels.shape[0], added), IGNORE_INDEX, dtype=np.int64), labels], axis=1)
-        if position_ids is not None:  # positions of real tokens (generation passes them): shifted past the P
-            positions = np.asarray(to_numpy(position_ids)) + count
-            if added:
-                positions = np.concatenate([np.broadcast_to(np.arange(count), (positions.shape[0], count)),
-                                            positions], axis=1)
-            position_ids = positions
-        out = model(None if input_ids is None else to_device(np.asarray(to_numpy(input_ids)), device),
-                    attention_mask=attention_mask, labels=labels, position_ids=position_ids, cache=cache,
-                    inputs_embeds=inputs_embeds)
-        if own_cache is not None:
-            out.cache = None  # a cache made for this call only
-        return out
+        """(method, name) of the active adapter that adds virtual tokens, or None (virtual_tokens.py)."""
+        return virtual_tokens.virtual_token_adapter(self)
 
     def _check_mixed_batch(self, names: list[str], rows: int) -> None:
         if len(names) != rows:
