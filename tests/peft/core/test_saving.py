@@ -154,3 +154,11 @@ def test_base_model_name_is_recorded(tmp_path):
     path = mp.bundled_model_path()
     get_peft_model(mp.LlamaForCausalLM.from_pretrained(path), LoraConfig()).save_pretrained(tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] == path
+
+
+def test_a_pickle_adapter_is_refused_with_how_to_resave_it(tmp_path):
+    """PEFT's old ``adapter_model.bin`` is a pickle: refused by name, never unpickled, nothing loaded."""
+    get_peft_model(tiny_model(), LoraConfig(r=2)).save_pretrained(tmp_path)
+    (tmp_path / "adapter_model.safetensors").rename(tmp_path / "adapter_model.bin")
+    with pytest.raises(CheckpointError, match=r"adapter_model\.bin' is a pickle file.*save_pretrained"):
+        PeftModel.from_pretrained(tiny_model(), tmp_path)
