@@ -141,6 +141,12 @@ CASES = [
                                        adapter_names=("a", "b")), {}, identity=False, mergeable=False,
          count=lambda base: base.config.num_hidden_layers * (3 * base.config.hidden_size ** 2
                                                              + 2 * base.config.hidden_size)),
+    # ----- selective methods, LoKr, full fine-tuning -----
+    # bitfit rows
+    # child-tuning rows
+    # fishmask rows
+    # lokr rows
+    # full fine-tuning rows
 ]
 IDS = [c.id for c in CASES]
 

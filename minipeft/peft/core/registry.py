@@ -29,12 +29,14 @@ METHODS: tuple[PeftMethod, ...] = (
     adalora.METHOD,
     dylora.METHOD,
     relora.METHOD,
+    # (lokr)
     # additive
     prompt_tuning.METHOD,
     prefix_tuning.METHOD,
     ia3.METHOD,
     bottleneck.METHOD,
     adapter_fusion.METHOD,
+    # selective (and the full fine-tuning baseline)
 )
 REGISTRY: Mapping[str, PeftMethod] = MappingProxyType({m.peft_type: m for m in METHODS})
 
