@@ -146,3 +146,42 @@ def hf_model(folder):
     major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     return transformers.AutoModelForCausalLM.from_pretrained(str(folder), **{dtype_kw: torch.float32}).eval()
+
+
+def ours(folder) -> mp.LlamaForCausalLM:
+    """minipeft's model from an HF folder (the oracle tests' other side)."""
+    return mp.LlamaForCausalLM.from_pretrained(folder)
+
+
+def our_logits(model, ids, **kwargs) -> np.ndarray:
+    with no_grad():
+        return model(ids, **kwargs).logits.numpy()
+
+
+def their_logits(model, ids, **kwargs) -> np.ndarray:
+    """A torch model's logits for NumPy ids (kwargs passed as they are)."""
+    torch, _, _ = import_oracles()
+    with torch.no_grad():
+        return model(torch.tensor(ids), **kwargs).logits.numpy()
+
+
+def peft_randomize(model, seed: int = 5, scale: float = 0.3) -> None:
+    """Add N(0, scale²) noise to every trainable parameter of a PEFT model (B ≠ 0 and the like)."""
+    torch, _, _ = import_oracles()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(scale * torch.randn_like(p))
+
+
+def load_in_peft(hf_folder, adapter_folder):
+    """(PEFT's model of ``adapter_folder`` on the transformers model in ``hf_folder``, the
+    missing / unexpected-key warnings PEFT gave while loading it)."""
+    _, _, peft = import_oracles()
+    import warnings  # noqa: PLC0415
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = peft.PeftModel.from_pretrained(hf_model(hf_folder), str(adapter_folder))
+    return theirs, [str(w.message) for w in caught if any(s in str(w.message) for s in ("nexpected", "issing"))]

@@ -4,16 +4,17 @@ the trainable-parameter line and config keys are PEFT's. Runs where torch, trans
 are installed (CI installs them)."""
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
 
-from tests.peft.helpers import hf_checkpoint, hf_model, import_oracles, printed, randomize, token_ids
+from tests.peft.helpers import (
+    hf_checkpoint, hf_model, import_oracles, load_in_peft, our_logits, ours, peft_randomize,
+    printed, randomize, their_logits, token_ids,
+)
 
 torch, transformers, peft = import_oracles()
 
-import minipeft as mp  # noqa: E402
 from minipeft.peft import PeftModel, get_peft_model  # noqa: E402
 from minipeft.peft.additive.ia3 import IA3Config  # noqa: E402
 
@@ -37,31 +38,9 @@ def folders(tmp_path_factory):
     return {name: hf_checkpoint(root / name, **overrides) for name, overrides in MODELS.items()}
 
 
-def ours(folder):
-    return mp.LlamaForCausalLM.from_pretrained(folder)
-
-
-def our_logits(model, ids):
-    with mp.no_grad():
-        return model(ids).logits.numpy()
-
-
-def their_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor(ids)).logits.numpy()
-
-
 def assert_close(got, expected, atol=1e-5):
     diff = np.abs(got - expected).max()
     assert diff <= atol * max(1.0, np.abs(expected).max()), diff
-
-
-def peft_randomize(model, seed=5, scale=0.3):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(scale * torch.randn_like(p))
 
 
 @pytest.mark.parametrize("case", IDS)
@@ -71,10 +50,7 @@ def test_an_adapter_saved_here_loads_in_peft(case, folders, tmp_path):
     randomize(peft_model)
     expected = our_logits(peft_model.eval(), token_ids())
     peft_model.save_pretrained(tmp_path)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        theirs = peft.PeftModel.from_pretrained(hf_model(folders[kind]), str(tmp_path))
-    complaints = [str(w.message) for w in caught if any(s in str(w.message) for s in ("nexpected", "issing"))]
+    theirs, complaints = load_in_peft(folders[kind], tmp_path)
     assert not complaints
     assert_close(their_logits(theirs, token_ids()), expected)
 

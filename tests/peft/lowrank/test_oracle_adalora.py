@@ -20,7 +20,9 @@ from minipeft.peft import PeftModel, get_peft_model  # noqa: E402
 from minipeft.peft.lowrank import adalora_allocator as allocator  # noqa: E402
 from minipeft.peft.lowrank.adalora import AdaLoraConfig  # noqa: E402
 from minipeft.train.optim import AdamW  # noqa: E402
-from tests.peft.helpers import hf_checkpoint, hf_model, printed, randomize, token_ids  # noqa: E402
+from tests.peft.helpers import (  # noqa: E402
+    hf_checkpoint, hf_model, our_logits, ours, printed, randomize, their_logits, token_ids,
+)
 
 SCHEDULE = dict(init_r=4, target_r=2, total_step=8, tinit=1, tfinal=2, lora_alpha=8)
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -30,20 +32,6 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     return {"untied": hf_checkpoint(root / "untied"), "bias": hf_checkpoint(root / "bias", attention_bias=True)}
-
-
-def ours(folder):
-    return mp.LlamaForCausalLM.from_pretrained(folder)
-
-
-def our_logits(model, ids):
-    with mp.no_grad():
-        return model(ids).logits.numpy()
-
-
-def their_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor(ids)).logits.numpy()
 
 
 def assert_close(got, expected):

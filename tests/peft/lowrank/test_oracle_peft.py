@@ -4,7 +4,6 @@ are reproduced. Runs where torch, transformers and peft are installed (CI instal
 """
 from __future__ import annotations
 
-import warnings
 
 import numpy as np
 import pytest
@@ -13,9 +12,11 @@ torch = pytest.importorskip("torch", reason="torch not installed (the PEFT oracl
 transformers = pytest.importorskip("transformers", reason="transformers not installed")
 peft = pytest.importorskip("peft", reason="peft not installed (Hugging Face PEFT is the oracle)")
 
-import minipeft as mp  # noqa: E402
 from minipeft.peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from tests.peft.helpers import hf_checkpoint, hf_model, printed, randomize, token_ids  # noqa: E402
+from tests.peft.helpers import (  # noqa: E402
+    hf_checkpoint, hf_model, load_in_peft, our_logits, ours, peft_randomize, printed, randomize,
+    their_logits, token_ids,
+)
 
 MODELS = {"untied": {}, "bias": {"attention_bias": True}, "tied": {"tie_word_embeddings": True}}
 CASES = {
@@ -40,31 +41,9 @@ def folders(tmp_path_factory):
     return {name: hf_checkpoint(root / name, **overrides) for name, overrides in MODELS.items()}
 
 
-def ours(folder):
-    return mp.LlamaForCausalLM.from_pretrained(folder)
-
-
-def our_logits(model, ids, **kwargs):
-    with mp.no_grad():
-        return model(ids, **kwargs).logits.numpy()
-
-
-def their_logits(model, ids, **kwargs):
-    with torch.no_grad():
-        return model(torch.tensor(ids), **kwargs).logits.numpy()
-
-
 def assert_close(got, expected):
     """Within 1e-4 of the logits' scale."""
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), np.abs(got - expected).max()
-
-
-def peft_randomize(model, seed=5, scale=0.3):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.requires_grad:
-                p.add_(scale * torch.randn_like(p))
 
 
 @pytest.mark.parametrize("case", IDS)
@@ -74,10 +53,7 @@ def test_an_adapter_saved_here_loads_in_peft(case, folders, tmp_path):
     randomize(peft_model)
     expected = our_logits(peft_model.eval(), token_ids())
     peft_model.save_pretrained(tmp_path)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        theirs = peft.PeftModel.from_pretrained(hf_model(folders[model_kind]), str(tmp_path))
-    complaints = [str(w.message) for w in caught if any(s in str(w.message) for s in ("nexpected", "issing"))]
+    theirs, complaints = load_in_peft(folders[model_kind], tmp_path)
     assert not complaints
     assert_close(their_logits(theirs, token_ids()), expected)
 
