@@ -2,7 +2,7 @@
 
 Loads K adapter folders (PEFT's layout, same layers; same rank unless ``--exact``) onto
 the model, searches their weights w with CMA-ES on the few-shot JSONL file (LoRAHub,
-minipeft/peft/lorahub.py), prints w and the few-shot loss of the composition next to
+minipeft/peft/lowrank/lorahub.py), prints w and the few-shot loss of the composition next to
 the base model and each single adapter, and writes the composed adapter (peft_type
 LORA) to ``--out``, where PEFT and ``minipeft generate --adapter`` load it.
 """
