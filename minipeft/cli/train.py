@@ -19,6 +19,7 @@ from ..io.tokenizer import Tokenizer
 from ..models import LlamaForCausalLM
 from ..peft import METHODS, get_peft_model
 from ..train import Trainer, TrainingArguments, evaluate, load_datasets
+from ..train.checkpoint import find_latest_checkpoint
 from .common import add_model_option, model_folder, say
 
 
@@ -78,6 +79,8 @@ def run(args) -> int:
     folder = model_folder(args)
     tokenizer = Tokenizer.from_pretrained(folder)
     method, build = method_choices()[args.method]
+    # a builder may need the run it continues (FishMask: the mask whose sizes the saved parameters have)
+    args.resume_checkpoint = find_latest_checkpoint(args.out) if args.resume else None
     config = build(args)
     train, evals = _datasets(args, tokenizer)
     say(f"train: {len(train)} examples, {train.num_tokens} tokens"

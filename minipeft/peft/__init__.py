@@ -14,8 +14,12 @@ The folders follow the survey's taxonomy (DESIGN.md):
              (base.py), PEFT's targeting rules (targeting.py), PeftModel (peft_model.py,
              adapters.py), files (saving.py, names.py);
 * lowrank/   LoRA (+ rsLoRA, PiSSA), DoRA, AdaLoRA (+ its allocator and plot), DyLoRA, ReLoRA,
-             add_weighted_adapter (combine.py), LoRAHub (lorahub.py, CMA-ES in es.py);
-* additive/  methods that add parameters: at the input, inside the model, at the output.
+             LoKr (Kronecker factors), add_weighted_adapter (combine.py), LoRAHub (lorahub.py,
+             CMA-ES in es.py);
+* additive/  methods that add parameters: at the input, inside the model, at the output;
+* selective/ methods that train a chosen part of the model's own weights: BitFit (bias terms),
+             Child-tuning F / D and FishMask (masked weight differences, weight_delta.py; the
+             Fisher pass, fisher.py), and full fine-tuning, the baseline they are measured against.
 """
 from .additive.adapter_fusion import AdapterFusionConfig
 from .additive.bottleneck import BnConfig, DoubleSeqBnConfig, SeqBnConfig
@@ -29,11 +33,17 @@ from .core.registry import METHODS, REGISTRY, PeftMethod
 from .lowrank.adalora import AdaLoraConfig
 from .lowrank.combine import add_weighted_adapter
 from .lowrank.dylora import DyLoraConfig
+from .lowrank.lokr import LoKrConfig
 from .lowrank.lora import LoraConfig
 from .lowrank.lorahub import LoraHub, LoraHubConfig
 from .lowrank.relora import ReLoraConfig
+from .selective.bitfit import BeftConfig
+from .selective.child_tuning import ChildTuningConfig
+from .selective.fishmask import FishMaskConfig
+from .selective.full import FullFineTuningConfig
 
-__all__ = ["METHODS", "REGISTRY", "AdaLoraConfig", "AdapterFusionConfig", "BaseConfig", "BnConfig",
-           "DoubleSeqBnConfig", "DyLoraConfig", "IA3Config", "LoraConfig", "PrefixTuningConfig", "PromptTuningConfig", "LoraHub", "SeqBnConfig",
-           "LoraHubConfig", "PeftConfig", "PeftMethod", "PeftModel", "ReLoraConfig", "add_weighted_adapter",
-           "get_peft_model", "registry"]
+__all__ = ["AdaLoraConfig", "AdapterFusionConfig", "BaseConfig", "BeftConfig", "BnConfig", "ChildTuningConfig",
+           "DoubleSeqBnConfig", "DyLoraConfig", "FishMaskConfig", "FullFineTuningConfig", "IA3Config",
+           "LoKrConfig", "LoraConfig", "LoraHub", "LoraHubConfig", "METHODS", "PeftConfig", "PeftMethod",
+           "PeftModel", "PrefixTuningConfig", "PromptTuningConfig", "REGISTRY", "ReLoraConfig", "SeqBnConfig",
+           "add_weighted_adapter", "get_peft_model", "registry"]

@@ -32,6 +32,11 @@ from minipeft.peft.additive.prompt_tuning import PromptTuningConfig
 from minipeft.peft.lowrank.adalora import AdaLoraConfig
 from minipeft.peft.lowrank.dylora import DyLoraConfig
 from minipeft.peft.lowrank.relora import ReLoraConfig
+from minipeft.peft.lowrank.lokr import LoKrConfig
+from minipeft.peft.selective.bitfit import BeftConfig
+from minipeft.peft.selective.child_tuning import ChildTuningConfig
+from minipeft.peft.selective.fishmask import FishMaskConfig
+from minipeft.peft.selective.full import FullFineTuningConfig
 from tests.peft.helpers import (
     TINIER,
     assert_grads_match_fd,
@@ -44,6 +49,10 @@ from tests.peft.helpers import (
 )
 from tests.peft.additive.test_bottleneck import bottleneck_count
 from tests.peft.additive.test_ia3 import ia3_count
+from tests.peft.lowrank.test_lokr import lokr_count
+from tests.peft.selective.test_bitfit import bitfit_count
+from tests.peft.selective.test_child_tuning import child_tuning_count
+from tests.peft.selective.test_fishmask import fishmask_count
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class Case:
     per_rank: int = 0  # parameters per rank beyond in + out (AdaLoRA's singular value E_i: 1)
     count: Callable | None = None  # (base model) -> trainable parameters; None: the low-rank formula below
     mergeable: bool = True  # can merge_adapter fold it into the weights? (else it must refuse)
+    noop_merge: bool = False  # the trained weights are the model's own (full fine-tuning): merging changes none
 
 
 CASES = [
@@ -143,10 +153,49 @@ CASES = [
                                                              + 2 * base.config.hidden_size)),
     # ----- selective methods, LoKr, full fine-tuning -----
     # bitfit rows
+    # out per targeted Linear + the existing biases ``bias`` trains (its own "bias" group). On the bias-free model
+    # merging creates the biases b₀ = b the Linears lack and changes no existing parameter, hence noop_merge
+    Case("bitfit", BeftConfig(target_modules=["q_proj", "v_proj", "down_proj"], bias="none"), {}, noop_merge=True,
+         count=lambda base: bitfit_count(base, BeftConfig(target_modules=["q_proj", "v_proj", "down_proj"],
+                                                          bias="none"))),
+    Case("bitfit_attention_bias", BeftConfig(target_modules=["v_proj", "o_proj", "up_proj"]), {},
+         model={"attention_bias": True},
+         count=lambda base: bitfit_count(base, BeftConfig(target_modules=["v_proj", "o_proj", "up_proj"]))),
+    Case("bitfit_all_biases_random_init", BeftConfig(target_modules=["k_proj", "gate_proj"], bias="all",
+                                                     init_weights=False), {},
+         model={"attention_bias": True, "mlp_bias": True}, identity=False,
+         count=lambda base: bitfit_count(base, BeftConfig(target_modules=["k_proj", "gate_proj"], bias="all"))),
     # child-tuning rows
+    # F: out·in per target (dense ΔW); D: k = n − ⌈(1 − p)(n − 1)⌉ mask entries (sparse ΔW). D's mask is a placeholder
+    # of that size until calibrate (the Trainer's two steps calibrate first); randomize() gives its values noise
+    Case("child_f", ChildTuningConfig(mode="F", target_modules=["q_proj", "down_proj"]), {},
+         count=lambda base: child_tuning_count(base, ChildTuningConfig(mode="F", target_modules=["q_proj", "down_proj"]))),
+    Case("child_d", ChildTuningConfig(mode="D", reserve_p=0.3, target_modules=["v_proj", "up_proj"]), {},
+         count=lambda base: child_tuning_count(base, ChildTuningConfig(target_modules=["v_proj", "up_proj"]))),
     # fishmask rows
+    # k = int(n · keep_ratio), n = Σ out·in over the targets (placeholder mask until calibrate, as child_d)
+    Case("fishmask", FishMaskConfig(keep_ratio=0.02, num_samples=3, target_modules=["q_proj", "k_proj", "gate_proj"]),
+         {}, count=lambda base: fishmask_count(base, FishMaskConfig(keep_ratio=0.02,
+                                                                    target_modules=["q_proj", "k_proj", "gate_proj"]))),
     # lokr rows
+    # per Linear, (a, b) = fact(out), (c, d) = fact(in): (a·c or r·(a + c)) + (b·d or r·(b + d)), the second of each
+    # when that Kronecker factor is low-rank (W1: decompose_both and r < max(a, c)/2; W2: r < max(b, d)/2)
+    Case("lokr", LoKrConfig(), {}, count=lambda base: lokr_count(base, LoKrConfig())),
+    Case("lokr_low_rank_w1_w2", LoKrConfig(r=1, alpha=3, decompose_both=True, target_modules=["q_proj", "down_proj"]),
+         {}, count=lambda base: lokr_count(base, LoKrConfig(r=1, decompose_both=True,
+                                                            target_modules=["q_proj", "down_proj"]))),
+    Case("lokr_factor_lycoris_rank_dropout", LoKrConfig(r=2, decompose_factor=2, init_weights="lycoris",
+                                                        rank_dropout=0.25, rank_dropout_scale=True,
+                                                        rank_pattern={"up_proj": 4},
+                                                        target_modules=["k_proj", "o_proj", "up_proj"]), {},
+         count=lambda base: lokr_count(base, LoKrConfig(r=2, decompose_factor=2, rank_pattern={"up_proj": 4},
+                                                        target_modules=["k_proj", "o_proj", "up_proj"]))),
     # full fine-tuning rows
+    # every parameter of the model (a tied embedding / head once); the identity at init; a no-op merge
+    Case("full", FullFineTuningConfig(), {}, noop_merge=True,
+         count=lambda base: sum(p.size for p in base.parameters())),
+    Case("full_tied_biases", FullFineTuningConfig(), {}, model={"tie_word_embeddings": True, "attention_bias": True},
+         noop_merge=True, count=lambda base: sum(p.size for p in base.parameters())),
 ]
 IDS = [c.id for c in CASES]
 
@@ -205,13 +254,13 @@ def test_identity_at_init(case, seed):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_apply_returns_exactly_the_parameters_it_added_as_its_group(case):
-    model = tiny_model(**case.model)
-    before = {id(p) for p in model.parameters()}
+    model = tiny_model(**case.model).requires_grad_(False)  # frozen, as PeftModel holds it: what apply unfreezes shows
     method = REGISTRY[case.config.peft_type]
     group = method.apply(model, case.config, np.random.default_rng(0), adapter_name="x")
     assert group.name == f"{method.group_prefix}:x"
-    # frozen bookkeeping a method adds (AdaLoRA's ranknum, as in PEFT) is not trained, so not in the group
-    added = [id(p) for p in model.parameters() if id(p) not in before and p.requires_grad]
+    # what apply added or unfroze (full fine-tuning: the model's own weights); frozen bookkeeping a method adds
+    # (AdaLoRA's ranknum, as in PEFT) is not trained, so not in the group
+    added = [id(p) for p in model.parameters() if p.requires_grad]
     assert sorted(id(p) for p in group.params) == sorted(added) and len(added) == len(set(added))
 
 
@@ -277,7 +326,8 @@ def test_unmerge_restores_the_weights(case):
     before = {n: p.data.copy() for n, p in peft_model.named_parameters()}
     unmerged = logits(peft_model, token_ids())
     peft_model.merge_adapter()
-    assert any(not np.array_equal(p.data, before[n]) for n, p in peft_model.named_parameters())
+    # a merge changes W; a no-op merge (full fine-tuning) changes nothing
+    assert any(not np.array_equal(p.data, before[n]) for n, p in peft_model.named_parameters()) != case.noop_merge
     peft_model.unmerge_adapter()
     for name, p in peft_model.named_parameters():
         np.testing.assert_allclose(p.data, before[name], rtol=1e-6, atol=1e-6, err_msg=name)

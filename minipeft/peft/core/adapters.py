@@ -197,6 +197,9 @@ def unload(peft_model, merge: bool, safe_merge: bool = False, adapter_names=None
         else:  # a holder the method added beside the model's own modules (a prompt encoder, adapters)
             parent, _, attr = path.rpartition(".")
             delattr(model.get_submodule(parent) if parent else model, attr)
+    for peft_type in dict.fromkeys(c.peft_type for c in peft_model.peft_config.values()) if merge else ():
+        if (after := registry.get_method(peft_type).after_unload) is not None:
+            after(model)  # what merging added becomes part of the model (BitFit: created biases, in its config)
     peft_model.peft_config.clear()
     peft_model.state.clear()
     for p in model.parameters():

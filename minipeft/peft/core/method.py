@@ -41,6 +41,9 @@ two (ReLoRA's merges). A method whose reference is another library's layout (bot
 adapters: the ``adapters`` library) gives ``write_folder`` / ``read_folder_config`` /
 ``read_folder_weights`` instead.
 
+``after_unload(model)``: the last step of merge_and_unload, once the adapter layers are gone (BitFit
+makes the biases merging created parameters and declares them in the model's config).
+
 ``mergeable``: False for methods whose function is not a weight update (prompt, prefix,
 bottleneck, fusion); merging them is refused before anything changes.
 ``cli``: the method's ``minipeft train`` names, options, config builder and report.
@@ -67,7 +70,8 @@ class CliSpec:
     """How ``minipeft train`` offers a method.
 
     ``configs``: ``--method`` name -> ``(args) -> PeftConfig`` (one method row may offer
-    several names: LoRA offers ``lora`` and ``dora``); ``options``: the flags they read;
+    several names: LoRA offers ``lora`` and ``dora``; besides the flags, ``args.resume_checkpoint``
+    is the checkpoint folder a ``--resume`` continues, else None); ``options``: the flags they read;
     ``group``: the help heading; ``report``: ``(peft_model, args, datasets) -> None``, what the
     method prints or draws after training (AdaLoRA's rank table).
     """
@@ -96,6 +100,7 @@ class PeftMethod:
     calibrate: Callable | None = None  # (peft_model, name, batches), before a fresh run's first step
     on_step_end: Callable | None = None  # (peft_model, name, step), after the optimizer step
     edit_optimizer_state: Callable | None = None  # (peft_model, name, step, optimizer), after on_step_end
+    after_unload: Callable | None = None  # (model), in merge_and_unload once the layers are gone (BitFit)
     # files
     saved_tensors: Callable | None = None  # (peft_model, name, {file key: array}) -> what to write
     save_extra: Callable | None = None  # (peft_model, name, folder): files beyond the adapter's tensors

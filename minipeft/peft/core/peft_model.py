@@ -33,7 +33,7 @@ import numpy as np
 
 from ...autograd.tensor import Tensor
 from ...backend import random_generator
-from ...nn import Module, ParameterGroup
+from ...nn import Module, Parameter, ParameterGroup
 from . import adapters, registry, saving, targeting, virtual_tokens
 from .base import BASE_ROWS, AdapterHolder, AdapterLayer, ModulesToSaveWrapper, layers_holding
 from .config import PeftConfig
@@ -339,16 +339,17 @@ class PeftModel(Module):
         return [p for _, m in self.adapter_layers(name, kind) for p in m.adapter_state(name).values()]
 
     def bias_parameters(self, name: str) -> list:
-        """The biases adapter ``name`` trains: every base bias ("all") or those of its layers ("lora_only")."""
+        """The biases adapter ``name`` trains: every base bias ("all") or those of its layers ("lora_only",
+        BitFit's "beft_only")."""
         bias = getattr(self.peft_config[name], "bias", "none")
         if bias == "all":
             owned = {id(p) for m in self.adapter_modules() for n in m.adapter_names()
                      for p in m.adapter_state(n).values()}
             return [p for n, p in self.base_model.model.named_parameters()
                     if n.endswith(".bias") and id(p) not in owned]
-        if bias == "lora_only":
+        if bias in ("lora_only", "beft_only"):  # a bias merging created (BitFit) is no Parameter: not trained
             return [m.base_layer.bias for m in self.adapter_modules() if isinstance(m, AdapterLayer)
-                    and name in m.adapter_names() and getattr(m.base_layer, "bias", None) is not None]
+                    and name in m.adapter_names() and isinstance(getattr(m.base_layer, "bias", None), Parameter)]
         return []
 
     def sync(self) -> None:

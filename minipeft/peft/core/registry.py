@@ -19,7 +19,8 @@ from ..additive import adapter_fusion, bottleneck
 from ..additive import ia3
 from ..additive import prefix_tuning
 from ..additive import prompt_tuning
-from ..lowrank import adalora, dylora, lora, relora
+from ..lowrank import adalora, dylora, lokr, lora, relora
+from ..selective import bitfit, child_tuning, fishmask, full
 from .config import PeftConfig
 from .method import CliOption, CliSpec, PeftMethod
 
@@ -29,7 +30,7 @@ METHODS: tuple[PeftMethod, ...] = (
     adalora.METHOD,
     dylora.METHOD,
     relora.METHOD,
-    # (lokr)
+    lokr.METHOD,
     # additive
     prompt_tuning.METHOD,
     prefix_tuning.METHOD,
@@ -37,6 +38,10 @@ METHODS: tuple[PeftMethod, ...] = (
     bottleneck.METHOD,
     adapter_fusion.METHOD,
     # selective (and the full fine-tuning baseline)
+    bitfit.METHOD,
+    child_tuning.METHOD,
+    fishmask.METHOD,
+    full.METHOD,
 )
 REGISTRY: Mapping[str, PeftMethod] = MappingProxyType({m.peft_type: m for m in METHODS})
 
