@@ -11,13 +11,13 @@ import argparse
 import sys
 
 from ..errors import MiniPeftError
-from . import generate, info, lorahub, merge, train
+from . import compare, generate, info, lorahub, merge, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minipeft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for command in (train, generate, merge, info, lorahub):
+    for command in (train, compare, generate, merge, info, lorahub):
         command.add_parser(sub)
     return parser
 
