@@ -54,6 +54,28 @@ def randomize(peft_model, seed: int = 3, scale: float = 0.3, names=None) -> None
                     p.data = (to_numpy(p.data) + rng.normal(0, scale, p.shape)).astype(p.dtype)
 
 
+def run_layer(module, x: np.ndarray) -> np.ndarray:
+    """A single layer's output for a NumPy input, without building a graph."""
+    from minipeft.autograd import Tensor  # noqa: PLC0415
+
+    with no_grad():
+        return module(Tensor(x)).numpy()
+
+
+def cli_runner(capsys):
+    """``cli(*argv)``: run ``minipeft`` in-process with str()-ed arguments, assert exit 0 (showing stderr
+    otherwise) and return what it printed on stdout."""
+    from minipeft.cli import main  # noqa: PLC0415
+
+    def cli(*argv) -> str:
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out
+
+    return cli
+
+
 def logits(model, ids, **kwargs) -> np.ndarray:
     with no_grad():
         return model(ids, **kwargs).logits.numpy()
@@ -146,6 +168,20 @@ def hf_model(folder):
     major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
     dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     return transformers.AutoModelForCausalLM.from_pretrained(str(folder), **{dtype_kw: torch.float32}).eval()
+
+
+def hf_checkpoints(tmp_path_factory, models: dict) -> dict:
+    """{name: folder}: one tiny transformers checkpoint per entry of ``models`` (name -> hf_checkpoint
+    overrides), for a module-scoped fixture."""
+    root = tmp_path_factory.mktemp("hf")
+    return {name: hf_checkpoint(root / name, **overrides) for name, overrides in models.items()}
+
+
+def assert_logits_close(got, expected, rtol: float = 1e-5) -> None:
+    """Same shape, and max |got - expected| within rtol of the logits' scale, max(1, max |expected|)."""
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    diff = np.abs(got - expected).max()
+    assert diff <= rtol * max(1.0, np.abs(expected).max()), diff
 
 
 def ours(folder) -> mp.LlamaForCausalLM:

@@ -55,14 +55,14 @@ from ..core.method import CliOption, CliSpec, PeftMethod
 from ..lowrank.lora import TARGET
 from . import fisher
 from .fishmask import DEFAULT_TARGETS, add_sparse, needs_mask, refuse_placeholder, resume_mask
-from .weight_delta import (FISHER, DeltaLinear, load_mask_state, read_weights, saved_tensors, set_masks,
-                           sparse_layers, split_global)
+from .weight_delta import (FISHER, DeltaLinear, MaskFromFile, load_mask_state, read_weights, saved_tensors,
+                           set_masks, sparse_layers, split_global)
 
 MODES = ("F", "D")
 
 
 @dataclass(frozen=True)
-class ChildTuningConfig(PeftConfig):
+class ChildTuningConfig(MaskFromFile, PeftConfig):
     peft_type: ClassVar[str] = "CHILD_TUNING"
 
     mode: str = "D"  # the authors' run.sh: ChildTuning-D
@@ -80,14 +80,6 @@ class ChildTuningConfig(PeftConfig):
                       "must be a path, and is for mode 'D' only")
         if self.modules_to_save:
             self._fail("modules_to_save", "is not supported by Child-tuning (only the targeted weights train)")
-
-    def for_loading(self):
-        return self.replace(mask_path=None)  # a loaded adapter brings its own mask
-
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        out["mask_path"] = None  # the saved adapter file holds the mask itself (a checkpoint's path may be gone)
-        return out
 
     def mask_size(self, n: int) -> int:
         """D's k over n ranked weights (see the module docstring)."""

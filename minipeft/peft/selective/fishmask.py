@@ -47,8 +47,9 @@ from ..core.method import CliOption, CliSpec, PeftMethod
 from ..core.names import WEIGHTS_NAME
 from ..lowrank.lora import TARGET
 from . import fisher
-from .weight_delta import (FILE, FISHER, PLACEHOLDER, DeltaLinear, load_mask_state, mask_sources, placeholder_mask,
-                           read_mask, read_weights, save_mask, saved_tensors, set_masks, sparse_layers, split_global)
+from .weight_delta import (FILE, FISHER, PLACEHOLDER, DeltaLinear, MaskFromFile, load_mask_state, mask_sources,
+                           placeholder_mask, read_mask, read_weights, save_mask, saved_tensors, set_masks,
+                           sparse_layers, split_global)
 
 # every Linear of a decoder layer (the paper selects among all weights; lm_head stays frozen)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -56,7 +57,7 @@ MASK_METHODS = ("label-square", "label-absolute")
 
 
 @dataclass(frozen=True)
-class FishMaskConfig(PeftConfig):
+class FishMaskConfig(MaskFromFile, PeftConfig):
     peft_type: ClassVar[str] = "FISHMASK"
 
     keep_ratio: float = 0.005  # FISH's default
@@ -72,14 +73,6 @@ class FishMaskConfig(PeftConfig):
         self._require("mask_path", self.mask_path is None or isinstance(self.mask_path, str), "must be a path")
         if self.modules_to_save:
             self._fail("modules_to_save", "is not supported by FishMask (only the masked weights train)")
-
-    def for_loading(self):
-        return self.replace(mask_path=None)  # a loaded adapter brings its own mask
-
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        out["mask_path"] = None  # the saved adapter file holds the mask itself (a checkpoint's path may be gone)
-        return out
 
     def mask_size(self, n: int) -> int:
         """k = int(n · keep_ratio), FISH's keep_num for n ranked weights."""

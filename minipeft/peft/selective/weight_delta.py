@@ -46,6 +46,20 @@ from ..core.names import PREFIX, WEIGHTS_NAME
 PLACEHOLDER, FISHER, FILE = "placeholder", "fisher", "file"  # where a sparse adapter's mask came from
 
 
+class MaskFromFile:
+    """What the configs of the masked methods (Child-tuning D, FishMask) share: ``mask_path`` names
+    a file to take M from when the adapter is built, and is never saved or reloaded (the adapter
+    file holds M itself, and a checkpoint's path may be gone by then). Mixed in before PeftConfig."""
+
+    def for_loading(self):
+        return self.replace(mask_path=None)  # a loaded adapter brings its own mask
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["mask_path"] = None
+        return out
+
+
 class ScatterFlat(Function):
     # ΔW = zeros(shape) with ΔW.flat[M] = v;  d(ΔW)/dv: the gradient gathered at M (M holds no repeats)
     def forward(self, values, indices, shape):

@@ -10,13 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minipeft.autograd import Tensor, no_grad
 from minipeft.errors import ConfigError
 from minipeft.io.safetensors import read_safetensors
 from minipeft.nn import Linear
 from minipeft.peft import PeftModel, get_peft_model
 from minipeft.peft.additive.ia3 import IA3Config, IA3Linear
-from tests.peft.helpers import logits, randomize, tiny_model, token_ids
+from tests.peft.helpers import cli_runner, logits, randomize, run_layer, tiny_model, token_ids
 
 
 def ia3_count(base, config: IA3Config) -> int:
@@ -43,11 +42,6 @@ def layer(seed, inp, out, feedforward, bias=True, l=None, names=("default",)):
     return adapted
 
 
-def run(module, x):
-    with no_grad():
-        return module(Tensor(x)).numpy()
-
-
 dims = st.integers(1, 7)
 
 
@@ -58,7 +52,7 @@ def test_all_ones_vectors_are_the_identity(seed, inp, out, feedforward, bias):
     shape = (1, inp) if feedforward else (out, 1)
     assert adapted.ia3_l["default"].shape == shape and np.all(adapted.ia3_l["default"].data == 1)
     x = np.random.default_rng(seed).normal(size=(2, 3, inp))
-    np.testing.assert_array_equal(run(adapted, x), run(adapted.base_layer, x))
+    np.testing.assert_array_equal(run_layer(adapted, x), run_layer(adapted.base_layer, x))
 
 
 @settings(max_examples=25, deadline=None)
@@ -69,9 +63,9 @@ def test_each_vector_scales_what_the_equation_says(seed, inp, out, bias):
     l_ff, l_out = rng.normal(size=(1, inp)), rng.normal(size=(out, 1))
     ff = layer(seed, inp, out, True, bias, l_ff)
     W, b = ff.base_layer.weight.data, (ff.base_layer.bias.data if bias else 0.0)
-    np.testing.assert_allclose(run(ff, x), (x * l_ff) @ W.T + b, rtol=1e-12, atol=1e-12)  # input scaled
+    np.testing.assert_allclose(run_layer(ff, x), (x * l_ff) @ W.T + b, rtol=1e-12, atol=1e-12)  # input scaled
     non_ff = layer(seed, inp, out, False, bias, l_out)
-    np.testing.assert_allclose(run(non_ff, x), (x @ W.T + b) * l_out[:, 0], rtol=1e-12, atol=1e-12)  # bias too
+    np.testing.assert_allclose(run_layer(non_ff, x), (x @ W.T + b) * l_out[:, 0], rtol=1e-12, atol=1e-12)  # bias too
 
 
 @settings(max_examples=25, deadline=None)
@@ -84,9 +78,9 @@ def test_merge_equals_unmerged_and_unmerge_restores_exactly(seed, inp, out, feed
     adapted = layer(seed, inp, out, feedforward, bias, l)
     W, b = adapted.base_layer.weight.data.copy(), (adapted.base_layer.bias.data.copy() if bias else None)
     x = rng.normal(size=(2, 3, inp))
-    unmerged = run(adapted, x)
+    unmerged = run_layer(adapted, x)
     adapted.merge(["default"])
-    np.testing.assert_allclose(run(adapted, x), unmerged, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(run_layer(adapted, x), unmerged, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(adapted.base_layer.weight.data, W * l, rtol=0, atol=0)  # diag(l) W or W diag(l)
     if bias:
         expected_bias = b if feedforward else b * l[:, 0]  # the input scaling never touches b
@@ -108,9 +102,9 @@ def test_active_adapters_multiply_their_vectors(seed, inp, out, feedforward):
     x = rng.normal(size=(2, 3, inp))
     both = layer(seed, inp, out, feedforward, True, [l1, l2], names=("a", "b"))
     product = layer(seed, inp, out, feedforward, True, l1 * l2)
-    np.testing.assert_allclose(run(both, x), run(product, x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(run_layer(both, x), run_layer(product, x), rtol=1e-12, atol=1e-12)
     both.merge(["a", "b"])  # merged one after the other: W * l1 * l2
-    np.testing.assert_allclose(run(both, x), run(product, x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(run_layer(both, x), run_layer(product, x), rtol=1e-12, atol=1e-12)
 
 
 def test_two_adapters_on_a_model_multiply_and_mix_per_row():
@@ -192,14 +186,9 @@ def test_random_init_is_standard_normal_and_loads_back(tmp_path):
 
 
 def test_cli_train_generate_merge(capsys, tmp_path):
-    from minipeft.cli import main  # noqa: PLC0415
     from tests.test_cli_train import TRAIN, small_data  # noqa: PLC0415
 
-    def cli(*argv):
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        assert code == 0, err
-        return out
+    cli = cli_runner(capsys)
 
     data, out = small_data(tmp_path, n=8), tmp_path / "run"
     steps = list(TRAIN)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from tests.peft.helpers import (
-    hf_checkpoint, hf_model, import_oracles, load_in_peft, our_logits, ours, peft_randomize,
-    printed, randomize, their_logits, token_ids,
+    assert_logits_close, hf_checkpoints, hf_model, import_oracles, load_in_peft, our_logits, ours,
+    peft_randomize, printed, randomize, their_logits, token_ids,
 )
 
 torch, transformers, peft = import_oracles()
@@ -34,13 +34,7 @@ IDS = list(CASES)
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf")
-    return {name: hf_checkpoint(root / name, **overrides) for name, overrides in MODELS.items()}
-
-
-def assert_close(got, expected, atol=1e-5):
-    diff = np.abs(got - expected).max()
-    assert diff <= atol * max(1.0, np.abs(expected).max()), diff
+    return hf_checkpoints(tmp_path_factory, MODELS)
 
 
 @pytest.mark.parametrize("case", IDS)
@@ -52,7 +46,7 @@ def test_an_adapter_saved_here_loads_in_peft(case, folders, tmp_path):
     peft_model.save_pretrained(tmp_path)
     theirs, complaints = load_in_peft(folders[kind], tmp_path)
     assert not complaints
-    assert_close(their_logits(theirs, token_ids()), expected)
+    assert_logits_close(their_logits(theirs, token_ids()), expected)
 
 
 @pytest.mark.parametrize("case", IDS)
@@ -63,7 +57,7 @@ def test_an_adapter_saved_by_peft_loads_here(case, folders, tmp_path):
     expected = their_logits(theirs.eval(), token_ids())
     theirs.save_pretrained(str(tmp_path))
     loaded = PeftModel.from_pretrained(ours(folders[kind]), tmp_path)
-    assert_close(our_logits(loaded, token_ids()), expected)
+    assert_logits_close(our_logits(loaded, token_ids()), expected)
 
 
 def test_peft_random_init_loads_here(folders, tmp_path):
@@ -73,7 +67,7 @@ def test_peft_random_init_loads_here(folders, tmp_path):
     theirs.save_pretrained(str(tmp_path))
     loaded = PeftModel.from_pretrained(ours(folders["gqa"]), tmp_path)
     assert loaded.peft_config["default"].init_ia3_weights is False
-    assert_close(our_logits(loaded, token_ids()), expected)
+    assert_logits_close(our_logits(loaded, token_ids()), expected)
 
 
 @pytest.mark.parametrize("case", ["explicit", "bias_attention_and_mlp"])
@@ -86,8 +80,8 @@ def test_merge_and_unload_gives_the_model_peft_merges(case, folders, tmp_path):
     merged.save_pretrained(tmp_path / "merged")  # a folder transformers loads
     theirs = peft.PeftModel.from_pretrained(hf_model(folders[kind]), str(tmp_path / "adapter")).merge_and_unload()
     ids = token_ids()
-    assert_close(our_logits(merged, ids), their_logits(theirs, ids))
-    assert_close(their_logits(hf_model(tmp_path / "merged"), ids), their_logits(theirs, ids))
+    assert_logits_close(our_logits(merged, ids), their_logits(theirs, ids))
+    assert_logits_close(their_logits(hf_model(tmp_path / "merged"), ids), their_logits(theirs, ids))
     ours_state = dict(merged.named_parameters())
     for name, tensor in theirs.state_dict().items():  # the same W and b, element by element
         if name in ours_state:
@@ -107,7 +101,7 @@ def test_two_active_adapters_multiply_as_in_peft(folders, tmp_path):
     loaded = PeftModel.from_pretrained(ours(folders[kind]), tmp_path / "one", adapter_name="one")
     loaded.load_adapter(tmp_path / "two", adapter_name="two")
     loaded.set_adapter(["one", "two"])
-    assert_close(our_logits(loaded.eval(), token_ids()), expected)
+    assert_logits_close(our_logits(loaded.eval(), token_ids()), expected)
 
 
 @pytest.mark.parametrize("config", [dict(), dict(target_modules="all-linear", feedforward_modules=["down_proj"]),

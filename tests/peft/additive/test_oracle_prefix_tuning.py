@@ -29,7 +29,9 @@ import minipeft as mp  # noqa: E402
 from minipeft.errors import CheckpointError  # noqa: E402
 from minipeft.peft import PeftModel, get_peft_model  # noqa: E402
 from minipeft.peft.additive.prefix_tuning import PrefixTuningConfig  # noqa: E402
-from tests.peft.helpers import hf_checkpoint, hf_model, randomize, token_ids  # noqa: E402
+from tests.peft.helpers import (  # noqa: E402
+    assert_logits_close, hf_checkpoints, hf_model, randomize, token_ids,
+)
 
 MODELS = {"mha": {"num_key_value_heads": 4}, "gqa": {"num_key_value_heads": 2}}
 CASES = [(kind, projection) for kind in MODELS for projection in (False, True)]
@@ -39,8 +41,7 @@ P, NEW_TOKENS = 4, 6
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf")
-    return {name: hf_checkpoint(root / name, **overrides) for name, overrides in MODELS.items()}
+    return hf_checkpoints(tmp_path_factory, MODELS)
 
 
 def our_logits(model, ids):
@@ -62,11 +63,6 @@ def their_generate(model, ids):
     return x.numpy()
 
 
-def assert_close(got, expected):
-    """Within 1e-4 of the logits' scale."""
-    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), np.abs(got - expected).max()
-
-
 def quiet(fn):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -86,7 +82,7 @@ def test_an_adapter_saved_here_loads_in_peft(kind, projection, folders, tmp_path
     expected, generated = our_logits(ours, ids), ours.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=[])
     ours.save_pretrained(tmp_path)
     theirs = quiet(lambda: peft.PeftModel.from_pretrained(hf_model(folders[kind]), str(tmp_path)))
-    assert_close(their_logits(theirs, ids), expected)
+    assert_logits_close(their_logits(theirs, ids), expected, rtol=1e-4)
     np.testing.assert_array_equal(their_generate(theirs, ids), generated)
     with theirs.disable_adapter():  # the prefix matters: without it the logits differ
         assert np.abs(their_logits(theirs, ids) - expected).max() > 1e-2
@@ -105,7 +101,7 @@ def test_a_peft_adapter_loads_here(kind, projection, folders, tmp_path):
     expected, generated = their_logits(theirs, ids), their_generate(theirs, ids)
     theirs.save_pretrained(str(tmp_path))
     ours = PeftModel.from_pretrained(mp.LlamaForCausalLM.from_pretrained(folders[kind]), tmp_path)
-    assert_close(our_logits(ours, ids), expected)
+    assert_logits_close(our_logits(ours, ids), expected, rtol=1e-4)
     np.testing.assert_array_equal(ours.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=[]), generated)
     if projection:  # PEFT keeps no MLP in its files: training it further is refused, as PEFT refuses it
         with pytest.raises(CheckpointError, match="is_trainable"):

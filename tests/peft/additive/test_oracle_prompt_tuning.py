@@ -28,7 +28,9 @@ import minipeft as mp  # noqa: E402
 from minipeft.data import bundled_model_path  # noqa: E402
 from minipeft.peft import PeftModel, get_peft_model  # noqa: E402
 from minipeft.peft.additive.prompt_tuning import PromptTuningConfig  # noqa: E402
-from tests.peft.helpers import hf_checkpoint, hf_model, printed, randomize, token_ids  # noqa: E402
+from tests.peft.helpers import (  # noqa: E402
+    assert_logits_close, hf_checkpoint, hf_model, printed, randomize, token_ids,
+)
 
 P, NEW_TOKENS = 4, 8
 MASK = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])  # row 0 left-padded by two
@@ -57,12 +59,6 @@ def their_generate(model, ids):
                               use_cache=False).numpy()
 
 
-def assert_close(got, expected):
-    """Same shape, within 1e-4 of the logits' scale."""
-    assert got.shape == expected.shape
-    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), np.abs(got - expected).max()
-
-
 def quiet(fn):
     """``fn()``, failing on any warning about keys (unknown config keys, missing / unexpected tensors)."""
     with warnings.catch_warnings(record=True) as caught:
@@ -82,8 +78,8 @@ def test_an_adapter_saved_here_loads_in_peft(folder, tmp_path):
     generated = ours.generate(ids, max_new_tokens=NEW_TOKENS)
     ours.save_pretrained(tmp_path)
     theirs = quiet(lambda: peft.PeftModel.from_pretrained(hf_model(folder), str(tmp_path)))
-    assert_close(their_logits(theirs, ids), expected)
-    assert_close(their_logits(theirs, ids, MASK), padded)
+    assert_logits_close(their_logits(theirs, ids), expected, rtol=1e-4)
+    assert_logits_close(their_logits(theirs, ids, MASK), padded, rtol=1e-4)
     np.testing.assert_array_equal(their_generate(theirs, ids), generated)
     with theirs.disable_adapter():  # the prompt matters: the base model generates something else
         assert not np.array_equal(their_generate(theirs, ids), generated)
@@ -96,8 +92,8 @@ def test_a_peft_adapter_loads_here(folder, tmp_path):
     expected, padded, generated = their_logits(theirs, ids), their_logits(theirs, ids, MASK), their_generate(theirs, ids)
     theirs.save_pretrained(str(tmp_path))
     ours = PeftModel.from_pretrained(mp.LlamaForCausalLM.from_pretrained(folder), tmp_path)
-    assert_close(our_logits(ours, ids), expected)
-    assert_close(our_logits(ours, ids, MASK), padded)
+    assert_logits_close(our_logits(ours, ids), expected, rtol=1e-4)
+    assert_logits_close(our_logits(ours, ids, MASK), padded, rtol=1e-4)
     np.testing.assert_array_equal(ours.generate(ids, max_new_tokens=NEW_TOKENS), generated)
     trainable = PeftModel.from_pretrained(mp.LlamaForCausalLM.from_pretrained(folder), tmp_path, is_trainable=True)
     assert trainable.get_nb_trainable_parameters()[0] == P * 32  # PEFT refuses this; here it trains on
@@ -132,5 +128,5 @@ def test_text_init_gives_peft_s_table(count, tmp_path):
     their_table = theirs.prompt_encoder["default"].embedding.weight.detach().numpy()
     np.testing.assert_array_equal(ours.base_model.model.prompt_encoder.embedding["default"].numpy(), their_table)
     ids = np.array([[403, 407, 261, 378, 300]])
-    assert_close(our_logits(ours, ids), their_logits(theirs, ids))
+    assert_logits_close(our_logits(ours, ids), their_logits(theirs, ids), rtol=1e-4)
     np.testing.assert_array_equal(ours.generate(ids, max_new_tokens=NEW_TOKENS), their_generate(theirs, ids))

@@ -14,13 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minipeft.autograd import Tensor, no_grad
 from minipeft.errors import ConfigError
 from minipeft.io.safetensors import read_safetensors
 from minipeft.nn import Linear
 from minipeft.peft import LoKrConfig, PeftModel, get_peft_model
 from minipeft.peft.lowrank.lokr import FACTORS, LoKrLinear, factorization
-from tests.peft.helpers import logits, randomize, tiny_model, token_ids
+from tests.peft.helpers import cli_runner, logits, randomize, run_layer, tiny_model, token_ids
 
 
 def lokr_count(base, config: LoKrConfig) -> int:
@@ -48,11 +47,6 @@ def layer(seed, out, inp, config: LoKrConfig, r=None, names=("default",), noise=
             p.data = p.data + noise * rng.normal(0, 0.5, p.shape)
     adapted.active_adapters = list(names)
     return adapted
-
-
-def run(module, x):
-    with no_grad():
-        return module(Tensor(x)).numpy()
 
 
 def kron_by_hand(adapted, name="default"):
@@ -95,11 +89,11 @@ def test_delta_weight_is_a_direct_kron_and_the_forward_uses_it(seed, out, inp, r
     # the forward (Kronecker identity, ΔW never formed) equals x (W + ΔW)ᵀ + b
     x = np.random.default_rng(seed + 1).normal(size=(2, 3, inp))
     W, bias = adapted.base_layer.weight.data.copy(), adapted.base_layer.bias.data
-    unmerged = run(adapted, x)
+    unmerged = run_layer(adapted, x)
     np.testing.assert_allclose(unmerged, x @ (W + expected).T + bias, rtol=1e-10, atol=1e-10)
     adapted.merge(["default"])
     np.testing.assert_allclose(adapted.base_layer.weight.data, W + expected, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(run(adapted, x), unmerged, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(run_layer(adapted, x), unmerged, rtol=1e-10, atol=1e-10)
     adapted.merge(["default"])  # idempotent
     adapted.unmerge()
     np.testing.assert_allclose(adapted.base_layer.weight.data, W, rtol=0, atol=1e-13)
@@ -120,7 +114,7 @@ def test_inits_zero_what_peft_zeros_and_draw_the_rest_kaiming(init, zero, r):
             bound = 1 / math.sqrt(p.shape[1])
             assert np.all(np.abs(p.data) <= bound) and np.abs(p.data).max() > bound / 2, key
     x = np.random.default_rng(1).normal(size=(2, 3, 256))
-    identity = np.array_equal(run(adapted, x), run(adapted.base_layer, x))
+    identity = np.array_equal(run_layer(adapted, x), run_layer(adapted.base_layer, x))
     assert identity == (init is not False)  # exact: the branch adds W1 X W2ᵀ = 0
 
 
@@ -134,17 +128,17 @@ def test_rank_dropout_drops_rows_of_delta_w_and_module_dropout_skips_the_adapter
         assert 0 < mask.sum() < 16
         if scale:
             mask /= mask.mean()
-        np.testing.assert_allclose(run(adapted.train(), x), x @ (W + mask[:, None] * delta).T + b, rtol=1e-10)
-        np.testing.assert_allclose(run(adapted.eval(), x), x @ (W + delta).T + b, rtol=1e-10)  # eval: no dropout
+        np.testing.assert_allclose(run_layer(adapted.train(), x), x @ (W + mask[:, None] * delta).T + b, rtol=1e-10)
+        np.testing.assert_allclose(run_layer(adapted.eval(), x), x @ (W + delta).T + b, rtol=1e-10)  # eval: no dropout
     adapted = layer(4, 16, 12, LoKrConfig(r=2, module_dropout=0.5))
     W, b, delta = adapted.base_layer.weight.data, adapted.base_layer.bias.data, adapted.delta_weight("default")
     outcomes = set()
     for _ in range(12):
         applied = copy.deepcopy(adapted.rng).random() > 0.5  # PEFT applies the adapter when rand > p
         outcomes.add(applied)
-        np.testing.assert_allclose(run(adapted.train(), x), x @ (W + applied * delta).T + b, rtol=1e-10)
+        np.testing.assert_allclose(run_layer(adapted.train(), x), x @ (W + applied * delta).T + b, rtol=1e-10)
     assert outcomes == {True, False}
-    np.testing.assert_allclose(run(adapted.eval(), x), x @ (W + delta).T + b, rtol=1e-10)
+    np.testing.assert_allclose(run_layer(adapted.eval(), x), x @ (W + delta).T + b, rtol=1e-10)
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -219,14 +213,9 @@ def test_two_adapters_add_and_delete():
 
 
 def test_cli_train_generate_merge(capsys, tmp_path):
-    from minipeft.cli import main  # noqa: PLC0415
     from tests.test_cli_train import TRAIN, small_data  # noqa: PLC0415
 
-    def cli(*argv):
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        assert code == 0, err
-        return out
+    cli = cli_runner(capsys)
 
     data, out = small_data(tmp_path, n=8), tmp_path / "run"
     steps = list(TRAIN)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from tests.peft.helpers import (
-    hf_checkpoint, hf_model, import_oracles, load_in_peft, our_logits, ours, peft_randomize,
-    printed, randomize, their_logits, token_ids,
+    assert_logits_close, hf_checkpoint, hf_model, import_oracles, load_in_peft, our_logits, ours,
+    peft_randomize, printed, randomize, their_logits, token_ids,
 )
 
 torch, transformers, peft = import_oracles()
@@ -38,11 +38,6 @@ def folder(tmp_path_factory):
     return hf_checkpoint(tmp_path_factory.mktemp("hf") / "tiny")
 
 
-def assert_close(got, expected, atol=1e-5):
-    diff = np.abs(got - expected).max()
-    assert diff <= atol * max(1.0, np.abs(expected).max()), diff
-
-
 def test_factorization_is_peft_s():
     for dimension in range(1, 400):
         for factor in (-1, 1, 2, 3, 4, 5, 7, 8, 16, 32, 64, 500):
@@ -59,7 +54,7 @@ def test_an_adapter_saved_here_loads_in_peft(case, folder, tmp_path):
     assert not complaints
     their = their_logits(theirs, token_ids())
     assert not np.allclose(their, their_logits(hf_model(folder), token_ids()), atol=1e-3)  # the adapter acts
-    assert_close(their, expected)
+    assert_logits_close(their, expected)
 
 
 @pytest.mark.parametrize("case", IDS)
@@ -69,7 +64,7 @@ def test_an_adapter_saved_by_peft_loads_here(case, folder, tmp_path):
     expected = their_logits(theirs.eval(), token_ids())
     theirs.save_pretrained(str(tmp_path))
     loaded = PeftModel.from_pretrained(ours(folder), tmp_path)
-    assert_close(our_logits(loaded, token_ids()), expected)
+    assert_logits_close(our_logits(loaded, token_ids()), expected)
     # the same parameters under the same names and shapes, in memory
     their_shapes = {n: tuple(p.shape) for n, p in theirs.named_parameters() if "lokr_" in n}
     mine = get_peft_model(ours(folder), LoKrConfig(**CASES[case]))
@@ -85,8 +80,8 @@ def test_merge_and_unload_gives_the_model_peft_merges(case, folder, tmp_path):
     merged.save_pretrained(tmp_path / "merged")  # a folder transformers loads
     theirs = peft.PeftModel.from_pretrained(hf_model(folder), str(tmp_path / "adapter")).merge_and_unload()
     ids = token_ids()
-    assert_close(our_logits(merged, ids), their_logits(theirs, ids))
-    assert_close(their_logits(hf_model(tmp_path / "merged"), ids), their_logits(theirs, ids))
+    assert_logits_close(our_logits(merged, ids), their_logits(theirs, ids))
+    assert_logits_close(their_logits(hf_model(tmp_path / "merged"), ids), their_logits(theirs, ids))
     ours_state = dict(merged.named_parameters())
     for name, tensor in theirs.state_dict().items():  # W + s (W1 ⊗ W2), element by element
         if name in ours_state:

@@ -5,7 +5,6 @@ are reproduced. Runs where torch, transformers and peft are installed (CI instal
 from __future__ import annotations
 
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="torch not installed (the PEFT oracle tests need it)")
@@ -14,8 +13,8 @@ peft = pytest.importorskip("peft", reason="peft not installed (Hugging Face PEFT
 
 from minipeft.peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from tests.peft.helpers import (  # noqa: E402
-    hf_checkpoint, hf_model, load_in_peft, our_logits, ours, peft_randomize, printed, randomize,
-    their_logits, token_ids,
+    assert_logits_close, hf_checkpoints, hf_model, load_in_peft, our_logits, ours, peft_randomize, printed,
+    randomize, their_logits, token_ids,
 )
 
 MODELS = {"untied": {}, "bias": {"attention_bias": True}, "tied": {"tie_word_embeddings": True}}
@@ -37,13 +36,7 @@ IDS = list(CASES)
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf")
-    return {name: hf_checkpoint(root / name, **overrides) for name, overrides in MODELS.items()}
-
-
-def assert_close(got, expected):
-    """Within 1e-4 of the logits' scale."""
-    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max(), np.abs(got - expected).max()
+    return hf_checkpoints(tmp_path_factory, MODELS)
 
 
 @pytest.mark.parametrize("case", IDS)
@@ -55,7 +48,7 @@ def test_an_adapter_saved_here_loads_in_peft(case, folders, tmp_path):
     peft_model.save_pretrained(tmp_path)
     theirs, complaints = load_in_peft(folders[model_kind], tmp_path)
     assert not complaints
-    assert_close(their_logits(theirs, token_ids()), expected)
+    assert_logits_close(their_logits(theirs, token_ids()), expected, rtol=1e-4)
 
 
 @pytest.mark.parametrize("case", IDS)
@@ -66,7 +59,7 @@ def test_an_adapter_saved_by_peft_loads_here(case, folders, tmp_path):
     expected = their_logits(theirs.eval(), token_ids())
     theirs.save_pretrained(str(tmp_path))
     loaded = PeftModel.from_pretrained(ours(folders[model_kind]), tmp_path)
-    assert_close(our_logits(loaded, token_ids()), expected)
+    assert_logits_close(our_logits(loaded, token_ids()), expected, rtol=1e-4)
 
 
 @pytest.mark.parametrize("config", [
@@ -95,7 +88,8 @@ def test_merge_and_unload_gives_the_model_peft_merges(folders, tmp_path):
     peft_model.save_pretrained(tmp_path / "adapter")
     peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")  # a folder transformers loads
     theirs = peft.PeftModel.from_pretrained(hf_model(folders["untied"]), str(tmp_path / "adapter")).merge_and_unload()
-    assert_close(their_logits(hf_model(tmp_path / "merged"), token_ids()), their_logits(theirs, token_ids()))
+    assert_logits_close(their_logits(hf_model(tmp_path / "merged"), token_ids()), their_logits(theirs, token_ids()),
+                        rtol=1e-4)
 
 
 @pytest.fixture
@@ -119,7 +113,7 @@ def test_add_weighted_adapter_matches_peft(kind, two_adapters):
     for model in (mine, theirs):
         model.add_weighted_adapter(["a", "b"], [0.8, -0.6], "mix", combination_type=kind)
         model.set_adapter("mix")
-    assert_close(our_logits(mine, token_ids()), their_logits(theirs.eval(), token_ids()))
+    assert_logits_close(our_logits(mine, token_ids()), their_logits(theirs.eval(), token_ids()), rtol=1e-4)
 
 
 def test_mixed_batches_match_peft(two_adapters):
@@ -127,4 +121,4 @@ def test_mixed_batches_match_peft(two_adapters):
     names = ["b", "__base__", "a", "b"]
     ids = token_ids(batch=4)
     expected = their_logits(theirs.eval(), ids, adapter_names=names)
-    assert_close(our_logits(mine.eval(), ids, adapter_names=names), expected)
+    assert_logits_close(our_logits(mine.eval(), ids, adapter_names=names), expected, rtol=1e-4)

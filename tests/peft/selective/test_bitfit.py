@@ -13,14 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minipeft as mp
-from minipeft.autograd import Tensor, no_grad
 from minipeft.errors import ConfigError
 from minipeft.io.safetensors import read_safetensors
 from minipeft.nn import Linear, Parameter
 from minipeft.peft import BeftConfig, PeftModel, get_peft_model
 from minipeft.peft.core import targeting
 from minipeft.peft.selective.bitfit import PROJECTIONS, BeftLinear
-from tests.peft.helpers import logits, randomize, tiny_model, token_ids
+from tests.peft.helpers import cli_runner, logits, randomize, run_layer, tiny_model, token_ids
 
 
 def bitfit_count(base, config: BeftConfig) -> int:
@@ -51,11 +50,6 @@ def layer(seed, inp, out, bias, b=None, names=("default",)):
     return adapted
 
 
-def run(module, x):
-    with no_grad():
-        return module(Tensor(x)).numpy()
-
-
 dims = st.integers(1, 7)
 
 
@@ -65,7 +59,7 @@ def test_zero_biases_are_the_identity(seed, inp, out, bias):
     adapted = layer(seed, inp, out, bias)
     assert adapted.beft_bias["default"].shape == (1, out) and np.all(adapted.beft_bias["default"].data == 0)
     x = np.random.default_rng(seed).normal(size=(2, 3, inp))
-    np.testing.assert_array_equal(run(adapted, x), run(adapted.base_layer, x))
+    np.testing.assert_array_equal(run_layer(adapted, x), run_layer(adapted.base_layer, x))
 
 
 @settings(max_examples=25, deadline=None)
@@ -76,7 +70,7 @@ def test_the_output_is_x_w_plus_b0_plus_every_active_b(seed, inp, out, bias, n):
     adapted = layer(seed, inp, out, bias, bs, names=tuple(f"a{i}" for i in range(n)))
     W, b0 = adapted.base_layer.weight.data, (adapted.base_layer.bias.data if bias else 0.0)
     x = rng.normal(size=(2, 3, inp))
-    np.testing.assert_allclose(run(adapted, x), x @ W.T + b0 + sum(bs), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(run_layer(adapted, x), x @ W.T + b0 + sum(bs), rtol=1e-12, atol=1e-12)
 
 
 @settings(max_examples=25, deadline=None)
@@ -88,9 +82,9 @@ def test_merge_equals_unmerged_and_unmerge_restores_exactly(seed, inp, out, bias
     adapted = layer(seed, inp, out, bias, bs, names=names)
     W, b0 = adapted.base_layer.weight.data.copy(), (adapted.base_layer.bias.data.copy() if bias else None)
     x = rng.normal(size=(2, 3, inp))
-    unmerged = run(adapted, x)
+    unmerged = run_layer(adapted, x)
     adapted.merge(list(names))
-    np.testing.assert_allclose(run(adapted, x), unmerged, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(run_layer(adapted, x), unmerged, rtol=1e-12, atol=1e-12)
     np.testing.assert_array_equal(adapted.base_layer.weight.data, W)  # W is never touched
     expected = sum(bs, np.zeros(out) if b0 is None else b0)  # b₀ ← b₀ + b, b₀ = 0 where there was none
     np.testing.assert_allclose(adapted.base_layer.bias.data, expected, rtol=1e-14, atol=1e-14)
@@ -103,7 +97,7 @@ def test_merge_equals_unmerged_and_unmerge_restores_exactly(seed, inp, out, bias
     else:
         assert adapted.base_layer.bias is None
     assert adapted.saved_bias == {}
-    np.testing.assert_array_equal(run(adapted, x), unmerged)
+    np.testing.assert_array_equal(run_layer(adapted, x), unmerged)
 
 
 def test_safe_merge_refuses_non_finite_biases():
@@ -258,14 +252,9 @@ def test_the_output_head_is_refused_before_anything_changes():
 
 
 def test_cli_train_generate_merge(capsys, tmp_path):
-    from minipeft.cli import main  # noqa: PLC0415
     from tests.test_cli_train import TRAIN, small_data  # noqa: PLC0415
 
-    def cli(*argv):
-        code = main([str(a) for a in argv])
-        out, err = capsys.readouterr()
-        assert code == 0, err
-        return out
+    cli = cli_runner(capsys)
 
     data, out = small_data(tmp_path, n=8), tmp_path / "run"
     steps = list(TRAIN)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from tests.peft.helpers import (
-    hf_checkpoint, hf_model, import_oracles, load_in_peft, our_logits, ours, peft_randomize,
-    printed, randomize, their_logits, tiny_model, token_ids,
+    assert_logits_close, cli_runner, hf_checkpoints, hf_model, import_oracles, load_in_peft, our_logits, ours,
+    peft_randomize, printed, randomize, their_logits, tiny_model, token_ids,
 )
 
 torch, transformers, peft = import_oracles()
@@ -33,13 +33,7 @@ IDS = list(CASES)
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hf")
-    return {name: hf_checkpoint(root / name, **overrides) for name, overrides in MODELS.items()}
-
-
-def assert_close(got, expected, atol=1e-5):
-    diff = np.abs(got - expected).max()
-    assert diff <= atol * max(1.0, np.abs(expected).max()), diff
+    return hf_checkpoints(tmp_path_factory, MODELS)
 
 
 @pytest.mark.parametrize("case", IDS)
@@ -51,7 +45,7 @@ def test_an_adapter_saved_here_loads_in_peft(case, folders, tmp_path):
     peft_model.save_pretrained(tmp_path)
     theirs, complaints = load_in_peft(folders[kind], tmp_path)
     assert not complaints
-    assert_close(their_logits(theirs, token_ids()), expected)
+    assert_logits_close(their_logits(theirs, token_ids()), expected)
 
 
 @pytest.mark.parametrize("case", IDS)
@@ -63,7 +57,7 @@ def test_an_adapter_saved_by_peft_loads_here(case, folders, tmp_path):
     theirs.save_pretrained(str(tmp_path))
     loaded = PeftModel.from_pretrained(ours(folders[kind]), tmp_path)
     assert loaded.peft_config["default"].bias == "none"  # PEFT's BEFT trains no existing bias
-    assert_close(our_logits(loaded, token_ids()), expected)
+    assert_logits_close(our_logits(loaded, token_ids()), expected)
 
 
 def test_trained_existing_biases_load_in_peft(folders, tmp_path):
@@ -78,7 +72,7 @@ def test_trained_existing_biases_load_in_peft(folders, tmp_path):
     peft_model.save_pretrained(tmp_path)
     theirs, complaints = load_in_peft(folders["mha_bias"], tmp_path)
     assert all("Unexpected keyword arguments ['bias']" in c for c in complaints)  # the config key, no tensor
-    assert_close(their_logits(theirs, token_ids()), expected)
+    assert_logits_close(their_logits(theirs, token_ids()), expected)
 
 
 def test_peft_random_init_loads_here(folders, tmp_path):
@@ -88,7 +82,7 @@ def test_peft_random_init_loads_here(folders, tmp_path):
     theirs.save_pretrained(str(tmp_path))
     loaded = PeftModel.from_pretrained(ours(folders["gqa"]), tmp_path)
     assert loaded.peft_config["default"].init_weights is False
-    assert_close(our_logits(loaded, token_ids()), expected)
+    assert_logits_close(our_logits(loaded, token_ids()), expected)
 
 
 def test_merge_and_unload_gives_the_model_peft_merges(folders, tmp_path):
@@ -101,8 +95,8 @@ def test_merge_and_unload_gives_the_model_peft_merges(folders, tmp_path):
     merged.save_pretrained(tmp_path / "merged")
     theirs = peft.PeftModel.from_pretrained(hf_model(folders["mha_bias"]), str(tmp_path / "adapter")).merge_and_unload()
     ids = token_ids()
-    assert_close(our_logits(merged, ids), their_logits(theirs, ids))
-    assert_close(their_logits(hf_model(tmp_path / "merged"), ids), their_logits(theirs, ids))
+    assert_logits_close(our_logits(merged, ids), their_logits(theirs, ids))
+    assert_logits_close(their_logits(hf_model(tmp_path / "merged"), ids), their_logits(theirs, ids))
     ours_state = dict(merged.named_parameters())
     assert set(ours_state) == set(theirs.state_dict())  # no bias created: every target had one
     for name, tensor in theirs.state_dict().items():
@@ -125,7 +119,7 @@ def test_merging_into_a_bias_free_llama_gives_a_folder_transformers_loads(case, 
     written = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert written["attention_bias"] is True and written["mlp_bias"] == (case != "default")
     ids = token_ids()
-    assert_close(their_logits(hf_model(tmp_path / "merged"), ids), their_logits(theirs.eval(), ids))
+    assert_logits_close(their_logits(hf_model(tmp_path / "merged"), ids), their_logits(theirs.eval(), ids))
 
 
 def test_a_merged_qwen2_folder_loads_in_transformers_as_llama(tmp_path):
@@ -147,7 +141,7 @@ def test_a_merged_qwen2_folder_loads_in_transformers_as_llama(tmp_path):
     merged = hf_model(tmp_path / "merged")
     assert type(merged).__name__ == "LlamaForCausalLM"
     ids = token_ids()
-    assert_close(their_logits(merged, ids), their_logits(theirs.eval(), ids))
+    assert_logits_close(their_logits(merged, ids), their_logits(theirs.eval(), ids))
 
 
 @pytest.mark.parametrize("config", [dict(), dict(target_modules="all-linear"),
@@ -169,13 +163,9 @@ def test_the_config_file_has_exactly_peft_keys():
 def test_the_cli_merged_folder_loads_in_transformers(capsys, tmp_path):
     """``minipeft train --method bitfit`` then ``minipeft merge``: transformers loads the folder and
     gives the logits of PEFT running the trained adapter."""
-    from minipeft.cli import main  # noqa: PLC0415
     from tests.test_cli_train import TRAIN, small_data  # noqa: PLC0415
 
-    def cli(*argv):
-        code = main([str(a) for a in argv])
-        _, err = capsys.readouterr()
-        assert code == 0, err
+    cli = cli_runner(capsys)
 
     from minipeft.cli.common import bundled_model_path  # noqa: PLC0415
 
@@ -187,4 +177,4 @@ def test_the_cli_merged_folder_loads_in_transformers(capsys, tmp_path):
     cli("merge", "--adapter", out, "--out", tmp_path / "merged")
     theirs = peft.PeftModel.from_pretrained(hf_model(model_dir), str(out))
     ids = token_ids(vocab=512)
-    assert_close(their_logits(hf_model(tmp_path / "merged"), ids), their_logits(theirs.eval(), ids))
+    assert_logits_close(their_logits(hf_model(tmp_path / "merged"), ids), their_logits(theirs.eval(), ids))
