@@ -15,6 +15,7 @@ PyTorch pickles (``pytorch_model.bin``) are not read: unpickling runs code.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from ..backend import to_numpy
 from ..errors import CheckpointError, ConfigError, MiniPeftError
-from .safetensors import atomic_write, read_safetensors, write_safetensors
+from .safetensors import atomic_write, check_finite_floats, read_safetensors, write_safetensors
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -55,12 +56,16 @@ def read_json(path, what: str, error: type[MiniPeftError] = CheckpointError) -> 
         raise error(
             f"{what} '{path}' is not UTF-8 text ({exc.reason} at byte {exc.start})"
         ) from None
+    except OSError as exc:  # no permission, an I/O error ...
+        raise error(f"{what} '{path}' cannot be read: {exc.strerror or exc}") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise error(
             f"{what} '{path}' is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
         ) from None
+    except RecursionError:  # Python's parser recurses once per level of [ or {
+        raise error(f"{what} '{path}' is JSON nested too deeply to be a {what}") from None
     if not isinstance(value, dict):
         raise error(f"{what} '{path}' must hold a JSON object, got {type(value).__name__}")
     return value
@@ -103,7 +108,7 @@ def _load_sharded(folder: Path, index_path: Path) -> dict[str, np.ndarray]:
                 f"safetensors index '{index_path}' lists shard '{shard}' (for key {keys[0]!r}) "
                 "but that file does not exist"
             )
-        loaded = read_safetensors(shard_path)
+        loaded = read_weights(shard_path)
         for key in keys:
             if key not in loaded:
                 raise CheckpointError(
@@ -120,6 +125,39 @@ def _load_sharded(folder: Path, index_path: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
+def read_weights(path) -> dict[str, np.ndarray]:
+    """A model's weights file: every tensor a finite float (see check_finite_floats)."""
+    tensors = read_safetensors(path)
+    check_finite_floats(path, tensors)
+    return tensors
+
+
+def check_output_folder(out, flag: str, inputs: dict[str, str] | None = None) -> Path:
+    """Refuse an output folder that would overwrite an input or cannot be written, before
+    anything is written (a command that fails after writing half a folder loses data).
+
+    ``flag`` names the option in messages (``"--out"``), ``inputs`` maps the other options
+    to their folders (``{"--model": ...}``); ``out`` may not be any of them, by any spelling
+    (``X/.``, a symbolic link). ``out`` must be a folder or not exist yet, and the nearest
+    existing folder on its way must be writable.
+    """
+    out = Path(out)
+    for other, folder in (inputs or {}).items():
+        if folder is not None and os.path.realpath(out) == os.path.realpath(folder):
+            raise CheckpointError(f"{flag} '{out}' is the {other} folder '{folder}'; writing there would "
+                                  f"overwrite what it reads: give {flag} another folder")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{flag} '{out}' is a file, expected a folder (or a path that does not exist yet)")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CheckpointError(f"{flag} '{out}' cannot be created: '{existing}' is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{flag} '{out}' cannot be written: no permission to write to '{existing}'")
+    return out
+
+
 def load_model_tensors(folder) -> dict[str, np.ndarray]:
     """Load all weights of an HF model folder as NumPy arrays (stored dtypes kept).
 
@@ -131,7 +169,7 @@ def load_model_tensors(folder) -> dict[str, np.ndarray]:
     if not folder.is_dir():
         raise CheckpointError(f"model folder '{folder}' does not exist or is not a folder")
     if (folder / WEIGHTS_NAME).is_file():
-        return read_safetensors(folder / WEIGHTS_NAME)
+        return read_weights(folder / WEIGHTS_NAME)
     if (folder / INDEX_NAME).is_file():
         return _load_sharded(folder, folder / INDEX_NAME)
     message = f"model folder '{folder}' has neither {WEIGHTS_NAME} nor {INDEX_NAME}"

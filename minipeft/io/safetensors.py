@@ -11,7 +11,10 @@ The format (https://github.com/huggingface/safetensors) is::
 Tensors are stored C-contiguous and little-endian. We implement it ourselves,
 rather than importing the ``safetensors`` package, so the reader sees every
 byte and can name the file and key at fault when a file is corrupt or
-truncated; the tests use the package as an oracle in both directions.
+truncated; the tests use the package as an oracle in both directions. The reader is at
+least as strict as the reference one: strict JSON (no NaN, no lone surrogates), and the
+tensors tile the data section exactly (no overlap, no gap, nothing after the last), since
+anything else is a file whose loads would be silently wrong.
 
 The reader reads the file once into one writable buffer and returns NumPy views
 into it (no second copy). The writer orders tensors in the data buffer by
@@ -52,6 +55,7 @@ _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _SUPPORTED = ", ".join(DTYPES)
 _ALIGN = 8  # the reference writer pads the header to a multiple of 8 bytes
 _MAX_HEADER = 100_000_000  # the reference reader's limit; guards huge allocations
+_MAX_ARRAY_BYTES = 2 ** 62  # below NumPy's limit (the size in bytes must fit an int64)
 
 
 class TensorInfo(NamedTuple):
@@ -69,13 +73,19 @@ def _fail(path, message: str, key: str | None = None) -> CheckpointError:
 
 
 def _no_duplicates(pairs):
-    """json object hook: a repeated tensor name would silently drop a tensor."""
+    """json object hook: a repeated tensor name would silently drop a tensor (the reference
+    reader keeps the last one; we refuse)."""
     out = {}
     for key, value in pairs:
         if key in out:
             raise ValueError(f"duplicate key {key!r}")
         out[key] = value
     return out
+
+
+def _no_constant(name: str):
+    """json hook: NaN / Infinity are Python's extension, not JSON; the reference refuses them."""
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _parse_entry(path, key, entry, buffer_size: int) -> TensorInfo:
@@ -86,7 +96,7 @@ def _parse_entry(path, key, entry, buffer_size: int) -> TensorInfo:
         if field not in entry:
             raise _fail(path, f"header entry has no {field!r} field", key)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise _fail(path, f"unsupported dtype {dtype!r}; supported: {_SUPPORTED}", key)
 
     def is_uint(v):  # bool is an int subclass in Python, but not a size
@@ -96,6 +106,10 @@ def _parse_entry(path, key, entry, buffer_size: int) -> TensorInfo:
         raise _fail(path, f"shape must be a list of non-negative ints, got {shape!r}", key)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(is_uint, offsets))):
         raise _fail(path, f"data_offsets must be [begin, end] ints >= 0, got {offsets!r}", key)
+    # numpy refuses an array whose non-zero dimensions multiply past its index range,
+    # even when another dimension is 0 (so the tensor holds no bytes)
+    if math.prod(max(d, 1) for d in shape) * DTYPES[dtype].itemsize >= _MAX_ARRAY_BYTES:
+        raise _fail(path, f"shape {shape} has dimensions too large for an array", key)
     begin, end = offsets
     if begin > end:
         raise _fail(path, f"data_offsets begin {begin} is after end {end}", key)
@@ -126,19 +140,50 @@ def _read_header(path, f) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
     if n > file_size - 8 or n > _MAX_HEADER:
         raise _fail(path, f"header length {n} is larger than the {file_size - 8} bytes after it")
     try:
-        header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_no_duplicates)
+        header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=_no_duplicates,
+                            parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _fail(path, f"header is not valid UTF-8 JSON ({exc})") from None
+    except RecursionError:
+        raise _fail(path, "header is JSON nested too deeply to be a safetensors header") from None
+    try:  # a lone surrogate escape ("\ud800") is valid to Python's parser, but not text
+        json.dumps(header, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _fail(path, f"header holds a lone surrogate escape ({exc.object[exc.start:exc.end]!r}), "
+                          "which is not text") from None
     if not isinstance(header, dict):
         raise _fail(path, f"header must be a JSON object, got {type(header).__name__}")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # null is allowed, [] or "" are not (as the reference)
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
         raise _fail(path, "__metadata__ must be an object of string -> string")
     buffer_size = file_size - 8 - n
     infos = {key: _parse_entry(path, key, entry, buffer_size) for key, entry in header.items()}
+    _check_tiling(path, infos, buffer_size)
     return infos, metadata, 8 + n
+
+
+def _check_tiling(path, infos: dict[str, TensorInfo], buffer_size: int) -> None:
+    """The tensors must cover the data section exactly, as the reference reader demands:
+    sorted by offsets, each begins where the one before ended, the last ends at the end.
+    Otherwise two names could alias the same bytes (overlap), or bytes inserted into the
+    file (a gap, junk at the end) would shift or hide data, and a load would be silently
+    wrong rather than refused."""
+    position, previous = 0, None
+    for key, info in sorted(infos.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if info.begin != position:
+            if info.begin < position:
+                problem = f"overlaps tensor {previous!r} (it begins at byte {info.begin}, before {position})"
+            else:
+                problem = (f"begins at byte {info.begin}, but the tensor before it ends at {position} "
+                           f"({info.begin - position} bytes between them belong to no tensor)")
+            raise _fail(path, f"data_offsets [{info.begin}, {info.end}] {problem}", key)
+        position, previous = info.end, key
+    if position != buffer_size:
+        raise _fail(path, f"the tensors cover {position} bytes of the data section, but it has {buffer_size} "
+                          f"({buffer_size - position} bytes at its end belong to no tensor)")
 
 
 def _open(path):
@@ -148,6 +193,8 @@ def _open(path):
         raise CheckpointError(f"safetensors file '{path}' does not exist") from None
     except IsADirectoryError:
         raise CheckpointError(f"safetensors file '{path}' is a folder, expected a file") from None
+    except OSError as exc:  # no permission, an I/O error ...
+        raise CheckpointError(f"safetensors file '{path}' cannot be read: {exc.strerror or exc}") from None
 
 
 def read_safetensors_header(path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -175,7 +222,10 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
         infos, _, start = _read_header(path, f)
         f.seek(start)
         buffer = bytearray(os.fstat(f.fileno()).st_size - start)
-        got = f.readinto(buffer)
+        try:
+            got = f.readinto(buffer)
+        except OSError as exc:
+            raise _fail(path, f"cannot be read: {exc.strerror or exc}") from None
     if got != len(buffer):  # the file shrank between fstat and read
         raise _fail(path, f"file is truncated: read {got} of {len(buffer)} data bytes")
     tensors = {}
@@ -188,6 +238,26 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
         array = array.reshape(info.shape)
         tensors[key] = array if array.flags.aligned else array.copy()
     return tensors
+
+
+def check_finite_floats(path, tensors: dict, keys=None) -> None:
+    """Refuse weights that are not finite floating-point numbers, naming file and key.
+
+    Model and adapter weights are floats: an integer or BOOL tensor in their place would
+    be cast silently to a meaningless weight, and a NaN or Inf makes every logit NaN (the
+    model then "generates" nothing, and a merge writes NaN weights). ``keys`` limits the
+    check to those tensors (default: all). One vectorised ``isfinite`` pass per tensor.
+    """
+    for key in tensors if keys is None else keys:
+        array = tensors[key]
+        if array.dtype.kind != "f" and array.dtype != DTYPES["BF16"]:
+            raise _fail(path, f"has dtype {_NAMES.get(array.dtype, array.dtype)}, but weights must be "
+                              "floating point (F32, F16, BF16 or F64)", key)
+        finite = np.isfinite(array)
+        if not finite.all():
+            where = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise _fail(path, f"holds {int(finite.size - finite.sum())} non-finite values "
+                              f"({array[where]} at index {list(where)}); weights must be finite", key)
 
 
 def _umask() -> int:

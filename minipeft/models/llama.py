@@ -137,6 +137,9 @@ class LlamaForCausalLM(Module):
         else:
             ids, (batch, length) = None, inputs_embeds.shape[:2]
         past = cache.length if cache is not None else 0
+        if length > self.config.max_position_embeddings:  # also bounds attention's (T, T) memory
+            raise InputError(f"the input has {length} tokens, more than the model's max_position_embeddings "
+                             f"({self.config.max_position_embeddings}); shorten it")
         if position_ids is None:
             position_ids = np.broadcast_to(np.arange(past, past + length), (batch, length))
         device = self.device

@@ -5,6 +5,8 @@ listed in ``model.safetensors.index.json``) and optionally
 ``generation_config.json``. Since module paths equal checkpoint keys, loading
 is: read config, build the model, check every key and shape against it, copy.
 Weights stored as F16 or BF16 are converted to float32 (the compute dtype).
+A ``.gguf`` file (llama.cpp's format) loads too: config and weights come from
+:mod:`minipeft.io.gguf`, dequantized to float32, then go through the same checks.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 from ..io.checkpoint import load_model_tensors, read_json, save_model_tensors, write_json
 from .config import LlamaConfig
 
@@ -26,8 +28,30 @@ def weights_file_name(folder: Path) -> Path:
     return single if single.exists() else folder / "model.safetensors.index.json"
 
 
+def is_gguf(path) -> bool:
+    """Whether ``path`` names a GGUF file (by its suffix) rather than a model folder."""
+    return Path(path).suffix.lower() == ".gguf" and not Path(path).is_dir()
+
+
+def load_gguf(cls, path: Path, device: str, dtype):
+    from ..io.gguf import read_gguf  # gguf is imported only when a GGUF file is loaded
+
+    raw, tensors = read_gguf(path)
+    try:
+        config = LlamaConfig.from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    model = cls(config)
+    model.load_state_dict({k: np.asarray(v, dtype=dtype) for k, v in tensors.items()}, source=str(path))
+    return model.to(device=device, dtype=dtype)
+
+
 def load_pretrained(cls, folder, device: str = "cpu", dtype=np.float32):
     folder = Path(folder)
+    if is_gguf(folder):
+        return load_gguf(cls, folder, device, dtype)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such model folder")
     config = LlamaConfig.from_json(folder / "config.json")
@@ -37,6 +61,7 @@ def load_pretrained(cls, folder, device: str = "cpu", dtype=np.float32):
     if config.tie_word_embeddings:
         # transformers ties the head to the embedding and ignores a stored copy.
         tensors.pop("lm_head.weight", None)
+    config.check_fits(sum(int(t.size) for t in tensors.values()), folder / "config.json", source)  # before cls()
     model = cls(config)
     model.load_state_dict({k: np.asarray(v, dtype=dtype) for k, v in tensors.items()},
                           source=f"{source} (with {folder / 'config.json'})")

@@ -15,6 +15,8 @@ with a warning, as PEFT does, so files from newer versions still load.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import ClassVar
@@ -46,6 +48,9 @@ class BaseConfig:
     auto_mapping: dict | None = None
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):  # a NaN lora_alpha gave NaN logits and a NaN merge
+            if (where := _non_finite(getattr(self, f.name))) is not None:
+                self._fail(f.name, f"must hold finite numbers, got {where}")
         if self.task_type not in TASK_TYPES:
             self._fail("task_type", f"must be one of {TASK_TYPES}, got {self.task_type!r}")
         if not isinstance(self.inference_mode, bool):
@@ -113,7 +118,10 @@ class BaseConfig:
         if unknown:
             warnings.warn(f"{source}: ignoring keys {cls.__name__} does not know: {unknown} "
                           "(written by a newer version?)", stacklevel=2)
-        return cls(**{k: v for k, v in raw.items() if k in names})
+        try:
+            return cls(**{k: v for k, v in raw.items() if k in names})
+        except ConfigError as exc:  # a field's error, told with the file it came from
+            raise ConfigError(f"{source}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,25 @@ class PeftConfig(BaseConfig):
             self._fail("layers_pattern", "needs layers_to_transform as well (as in PEFT)")
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             self._fail("layers_to_transform", "cannot be used when target_modules is a regex string (as in PEFT)")
+        self._check_regexes()
+
+    def _check_regexes(self) -> None:
+        """Every string that targeting.py uses as a regex compiles, in the form it is used
+        there (an invalid one used to surface as a re.error traceback at model-wrapping time)."""
+        patterns = [("target_modules", self.target_modules if isinstance(self.target_modules, str) else None),
+                    ("exclude_modules", self.exclude_modules if isinstance(self.exclude_modules, str) else None)]
+        patterns += [("layers_pattern", rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.")
+                     for p in _as_tuple(self.layers_pattern or ())]
+        for name in ("rank_pattern", "alpha_pattern"):  # LoRA family: regex keys -> values
+            if isinstance(table := getattr(self, name, None), dict):
+                patterns += [(name, rf"(.*\.)?({key})$") for key in table]
+        for name, pattern in patterns:
+            if pattern is None:
+                continue
+            try:
+                re.compile(pattern)
+            except (re.error, TypeError, RecursionError, OverflowError) as exc:
+                self._fail(name, f"holds an invalid regular expression ({exc})")
 
 
 # ----- small validators -----------------------------------------------------------------
@@ -172,6 +199,17 @@ def _names(config, field_name, value, sort: bool):
     if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value):
         return tuple(sorted(set(value))) if sort else tuple(value)
     config._fail(field_name, f"must be a string or a list of strings, got {value!r}")
+
+
+def _non_finite(value, depth: int = 0):
+    """The first NaN / Infinity in a field's value (looking into lists and dicts), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return value
+    if depth < 8 and isinstance(value, (list, tuple, set, frozenset, dict)):
+        for item in value.values() if isinstance(value, dict) else value:
+            if (found := _non_finite(item, depth + 1)) is not None:
+                return found
+    return None
 
 
 def _jsonable(value):

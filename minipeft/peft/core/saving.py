@@ -29,6 +29,7 @@ check passes.
 """
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from pathlib import Path
@@ -37,7 +38,8 @@ import numpy as np
 
 from ...backend import to_device
 from ...errors import CheckpointError, ConfigError
-from ...io import read_json, read_safetensors, write_json, write_safetensors
+from ...io import read_json, read_safetensors, read_safetensors_header, write_json, write_safetensors
+from ...io.safetensors import check_finite_floats
 from . import registry
 from .base import AdapterLayer, ModulesToSaveWrapper
 from .names import CONFIG_NAME, EMBEDDING_LAYER_NAMES, PICKLE_NAMES, PREFIX, WEIGHTS_NAME, adapter_folder
@@ -125,7 +127,41 @@ def read_config(folder):
         if method.read_folder_config is not None and (config := method.read_folder_config(folder)) is not None:
             return config
     path = folder / CONFIG_NAME
-    return registry.config_from_dict(read_json(path, "adapter config", ConfigError), source=str(path))
+    try:
+        config = registry.config_from_dict(read_json(path, "adapter config", ConfigError), source=str(path))
+    except ConfigError as exc:  # e.g. an unknown peft_type: say which file it came from
+        if str(path) in str(exc):
+            raise
+        raise ConfigError(f"adapter config '{path}': {exc}") from None
+    check_sizes_fit(config, path, folder / WEIGHTS_NAME)
+    return config
+
+
+# Size fields whose value the layers allocate, at least once per adapted module, in values:
+# r·(in + out) ≥ r for the LoRA family, num_virtual_tokens·dim for prompt learning.
+# Left out: AdaLoRA saves factors cropped to the ranks it kept, and LoKr stores a full factor
+# (no r at all) once r reaches the factor's size, so r does not bound their files from below.
+_SIZE_FIELDS = ("r", "num_virtual_tokens")
+_SIZES_UNBOUNDED = ("ADALORA", "LOKR")
+
+
+def check_sizes_fit(config, config_path, weights_path) -> None:
+    """Refuse sizes in the config that the weights file cannot hold, before any layer is
+    built: ``r: 1000000`` in a small adapter would allocate until the machine runs out of
+    memory. Reads only the file's header. (Missing files are reported by the loaders.)"""
+    if config.peft_type in _SIZES_UNBOUNDED or not Path(weights_path).is_file():
+        return
+    infos, _ = read_safetensors_header(weights_path)
+    stored = sum(math.prod(info.shape) for info in infos.values())
+    sizes = {name: getattr(config, name) for name in _SIZE_FIELDS if hasattr(config, name)}
+    pattern = getattr(config, "rank_pattern", None) or {}
+    sizes.update((f"rank_pattern[{key!r}]", value) for key, value in pattern.items())
+    for name, size in sizes.items():
+        if isinstance(size, int) and size > stored:
+            raise CheckpointError(
+                f"adapter config '{config_path}': {name} = {size:,} needs at least {size:,} values per "
+                f"adapted module, but '{weights_path}' holds {stored:,} values in all; "
+                "the config does not fit the weights")
 
 
 def refuse_pickles(folder: Path) -> None:
@@ -165,6 +201,7 @@ def load_weights(peft_model, folder, name: str) -> None:
                 ([f"unexpected keys: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"]
                  if unexpected else [])
         raise CheckpointError(f"adapter file '{path}' does not fit the model: " + " | ".join(parts))
+    check_finite_floats(path, tensors)  # every key is a parameter's now: floats, finite
     load_extra = registry.get_method(peft_model.peft_config[name].peft_type).load_extra
     if load_extra is not None:  # checks its own files before it changes anything (ReLoRA replays merges)
         load_extra(peft_model, name, Path(folder))

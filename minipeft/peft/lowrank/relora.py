@@ -28,11 +28,12 @@ Identity at init: as LoRA (B = 0). Merge (merge_adapter, minipeft merge): LoRA's
 W ← W + s B A on top of the restarts already in W; ``minipeft merge`` thus writes
 W₀ + Σ_j s B_j A_j + s B A as a plain HF model.
 
-Saving: PEFT's LoRA layout (peft_type "RELORA", the current A and B) plus, once a restart
-has happened, ``relora_merged.safetensors``: per module the merged factors concatenated
-over the k restarts, ``base_model.model.<module>.relora_merged_A`` (k·r, in) and
-``...relora_merged_B`` (out, k·r). Loading replays the merges W ← W + s B_j A_j on the base
-weights in order, the same arithmetic, so the loaded model computes bit for bit what was
+Saving: PEFT's LoRA layout (peft_type "RELORA", the current A and B) plus, always (empty
+before the first restart; loading refuses a folder without it), ``relora_merged.safetensors``:
+per module the merged factors concatenated over the k restarts,
+``base_model.model.<module>.relora_merged_A`` (k·r, in) and ``...relora_merged_B`` (out, k·r).
+Loading replays the merges W ← W + s B_j A_j on the base weights in order, the same
+arithmetic, so the loaded model computes bit for bit what was
 saved; the trainer's checkpoints restore them the same way (PeftModel.load_method_state).
 ``accumulated_delta_rank(model)``: the numerical rank of W_now − W₀ per module, from those
 factors in float64 (Σ_j s B_j A_j + s B A, i.e. without W's rounding).
@@ -202,23 +203,25 @@ def accumulated_delta_rank(model, adapter_name: str = "default", tol: float | No
 
 # ----- the merged updates on disk -----------------------------------------------------------
 def save_extra(peft_model, name: str, folder) -> None:
-    """Write relora_merged.safetensors once a restart has happened (remove a stale one before)."""
+    """Write relora_merged.safetensors: the factors merged at each restart (none yet: an empty file)."""
     tensors = {}
     for path, layer in adapter_layers(peft_model.get_base_model(), name):
         if merged := layer.relora_merged[name]:
             tensors[f"{PREFIX}{path}.relora_merged_A"] = np.concatenate([to_numpy(a) for a, _ in merged])  # (k·r, in)
             tensors[f"{PREFIX}{path}.relora_merged_B"] = np.concatenate([to_numpy(b) for _, b in merged], axis=1)
-    if tensors:
-        write_safetensors(folder / MERGED_NAME, tensors, metadata={"format": "pt"})
-    elif (folder / MERGED_NAME).exists():
-        (folder / MERGED_NAME).unlink()
+    # written even before the first restart (then empty), so that a missing file means a
+    # lost one, which load_extra refuses, rather than "no restarts"
+    write_safetensors(folder / MERGED_NAME, tensors, metadata={"format": "pt"})
 
 
 def load_extra(peft_model, name: str, folder) -> None:
     """Replay the saved merges on the base weights, every key and shape checked first. A layer
     that already holds exactly these merges (a resume in the same process) is left alone."""
     path = folder / MERGED_NAME
-    tensors, plans, expected = read_safetensors(path) if path.exists() else {}, [], set()
+    if not path.is_file():  # without it, the adapter would load onto W₀ alone: another model
+        raise CheckpointError(f"ReLoRA adapter folder '{folder}' has no {MERGED_NAME} (the updates merged into "
+                              "the weights at each restart); it cannot be loaded without it")
+    tensors, plans, expected = read_safetensors(path), [], set()
     for module, layer in adapter_layers(peft_model.get_base_model(), name):
         (r, n_in), n_out = layer.factors(name)[0].shape, layer.factors(name)[1].shape[0]
         keys = (f"{PREFIX}{module}.relora_merged_A", f"{PREFIX}{module}.relora_merged_B")
