@@ -146,13 +146,14 @@ class ProxyTuning:
 
         return step
 
-    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 64, temperature: float = 0.0,
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 64, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed=None, eos_token_id=None,
-                 pad_token_id: int | None = None, use_cache: bool = True) -> np.ndarray:
-        """Host ids (B, T + n), with the arguments of :func:`minipeft.models.generation.generate`;
-        stop and pad ids default to the base model's."""
+                 pad_token_id: int | None = None, use_cache: bool = True, **options) -> np.ndarray:
+        """Host ids (B, T + n), with the arguments of :func:`minipeft.models.generation.generate`
+        (``options``: do_sample, repetition_penalty, streamer, ...); stop and pad ids default to the base model's."""
         ids, mask = check_prompt(input_ids, attention_mask)
         stop = stop_ids_of(self.base, eos_token_id)
         pad = pad_id_of(self.base, stop, pad_token_id)
         return decode(self.next_logits(use_cache), ids, mask, stop, pad, max_new_tokens=max_new_tokens,
-                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache)
+                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, use_cache=use_cache,
+                      max_positions=self.base.config.max_position_embeddings, **options)
