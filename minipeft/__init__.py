@@ -15,11 +15,12 @@ from .errors import CheckpointError, ConfigError, DataError, DeviceError, InputE
 from .io.tokenizer import Tokenizer
 from .models import KVCache, LlamaConfig, LlamaForCausalLM
 from .peft.additive.proxy_tuning import ProxyTuning
+from .threads import get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "DeviceError", "InputError", "KVCache", "LlamaConfig",
     "LlamaForCausalLM", "MiniPeftError", "ProxyTuning", "Tensor", "Tokenizer", "bundled_model_path", "no_grad", "peft",
-    "train",
+    "get_num_threads", "set_num_threads", "train",
 ]

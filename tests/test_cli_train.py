@@ -67,9 +67,9 @@ def test_resume_through_the_cli_equals_one_run(capsys, tmp_path):
     data = small_data(tmp_path)
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert run(capsys, "train", "--data", data, "--out", whole, *TRAIN)[0] == 0
-    # An interrupted run: the same command, stopped after its step-2 checkpoint.
+    # An interrupted run: the same command, stopped after its checkpoint-2.
     assert run(capsys, "train", "--data", data, "--out", split, *TRAIN)[0] == 0
-    shutil.rmtree(split / "step-4")
+    shutil.rmtree(split / "checkpoint-4")
     for name in ("adapter_config.json", "adapter_model.safetensors", "latest"):  # the interrupted run's ends
         (split / name).unlink()
     code, _, err = run(capsys, "train", "--data", data, "--out", split, *TRAIN, "--resume")

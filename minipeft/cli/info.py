@@ -8,6 +8,10 @@ from ..models import LlamaForCausalLM
 from .common import add_model_option, model_folder
 
 
+# shown even at their defaults: what a reader of an adapter asks first (its rank, where it sits)
+ALWAYS_SHOWN = ("r", "target_modules")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="architecture and parameter counts of a model")
     add_model_option(p)
@@ -48,7 +52,8 @@ def run(args) -> int:
 
 
 def describe_adapter(model, folder) -> None:
-    """The adapter's peft_type, its non-default settings and what it trains on ``model``."""
+    """The adapter's peft_type, its rank and target modules, its other non-default settings and
+    what it trains on ``model``."""
     from dataclasses import fields  # noqa: PLC0415
 
     from ..peft import PeftModel  # noqa: PLC0415 - PEFT only when asked for
@@ -60,7 +65,8 @@ def describe_adapter(model, folder) -> None:
     defaults = type(config)() if not _required_fields(config) else None
     settings = {f.name: getattr(config, f.name) for f in fields(config)
                 if f.name not in ("base_model_name_or_path", "revision", "inference_mode", "auto_mapping")
-                and (defaults is None or getattr(config, f.name) != getattr(defaults, f.name))}
+                and (defaults is None or f.name in ALWAYS_SHOWN
+                     or getattr(config, f.name) != getattr(defaults, f.name))}
     trainable, total = peft_model.get_nb_trainable_parameters()
     print(f"adapter: {folder}")
     print(f"method: {config.peft_type} (mergeable: {'yes' if method.mergeable else 'no'})")

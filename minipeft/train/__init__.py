@@ -20,12 +20,14 @@ from .data import (ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, Dataset, Example, 
 from .optim import SGD, AdamW, Optimizer, clip_grad_norm, grad_norm
 from .schedules import SCHEDULES, Schedule, constant, cosine, jagged_cosine, linear
 from .arguments import TrainingArguments
+from .progress import TrainingInterrupted
 from .trainer import Trainer, TrainingError, evaluate
 
 __all__ = [
     "ALPACA_TEMPLATE", "ALPACA_TEMPLATE_NO_INPUT", "AdamW", "Batch", "BatchLoader", "Dataset", "Example",
     "Optimizer", "Record", "SCHEDULES", "SGD", "Schedule", "Trainer", "TrainingArguments", "TrainingError",
-    "TrainingHooks", "build_dataset", "clip_grad_norm", "collate", "constant", "cosine", "evaluate",
+    "TrainingHooks", "TrainingInterrupted", "build_dataset", "clip_grad_norm", "collate", "constant", "cosine",
+    "evaluate",
     "find_latest_checkpoint", "grad_norm", "iter_batches", "jagged_cosine", "linear", "list_checkpoints",
     "load_checkpoint", "load_datasets", "pack", "read_jsonl", "save_checkpoint", "split_records", "tokenize",
 ]

@@ -1,22 +1,27 @@
 """Training checkpoints: everything needed to continue a run bit for bit.
 
-Layout of ``output_dir``::
+Layout of ``output_dir`` (transformers' Trainer names its checkpoints the same way)::
 
-    step-N/
+    checkpoint-N/
       trainable.safetensors    the parameters of the optimizer's groups, by model name
       adapter/                 model.save_pretrained(...) for adapter models (PEFT layout)
       optimizer.safetensors    moment arrays, keys "group/index/name"
       optimizer.json           optimizer type and per-parameter step counts
       trainer_state.json       step, schedule, data cursor + data-order RNG state,
                                model.rng state (dropout), and the trainer's extras
-    latest                     the name of the newest complete checkpoint
+    latest                     the name of the newest complete checkpoint (the one a resume
+                               continues; the trainer never writes one with diverged weights)
 
-Atomicity: a checkpoint is written into ``.step-N.tmp-XXXX`` in the same folder and
-renamed to ``step-N`` only when complete (a rename within a folder is atomic), then
-``latest`` is replaced atomically. A crash or error at any point leaves the previous
-checkpoints and ``latest`` as they were, and no half-written ``step-N``. Old checkpoints
-are pruned to the last K by first renaming them to a temporary name, so a crash while
-deleting cannot leave a partial ``step-M`` behind either.
+Runs written before the checkpoints took transformers' name (``step-N/``) are still found
+and resumed; their folders are pruned like the new ones.
+
+Atomicity: a checkpoint is written into ``.checkpoint-N.tmp-XXXX`` in the same folder and
+renamed to ``checkpoint-N`` only when complete (a rename within a folder is atomic), then
+``latest`` is replaced atomically. A crash or error at any point (a full disk included:
+:class:`CheckpointError`, one line) leaves the previous checkpoints and ``latest`` as they
+were, and no half-written ``checkpoint-N``. Old checkpoints are pruned to the last K by first
+renaming them to a temporary name, so a crash while deleting cannot leave a partial
+``checkpoint-M`` behind either.
 
 ``trainable.safetensors`` is what :func:`load_checkpoint` restores from (in place, into
 the model it is given, whatever the model class); ``adapter/`` is for the user: the
@@ -31,6 +36,7 @@ without it they are looked up on ``model``.
 from __future__ import annotations
 
 import copy
+import errno
 import os
 import re
 import secrets
@@ -47,8 +53,9 @@ from .hooks import TrainingHooks
 
 FORMAT = 1
 LATEST = "latest"
-_STEP_RE = re.compile(r"^step-(\d+)$")
-_TMP_RE = re.compile(r"^\.step-\d+\.(tmp|del)-")
+PREFIX = "checkpoint-"  # transformers' name: checkpoint-N
+_STEP_RE = re.compile(r"^(?:checkpoint|step)-(\d+)$")  # step-N: the layout of older runs
+_TMP_RE = re.compile(r"^\.(?:checkpoint|step)-\d+\.(tmp|del)-")
 
 
 def _jsonable(obj):
@@ -86,12 +93,13 @@ def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _STEP_RE.match(p.name)) and p.is_dir()]
-    return sorted(found)
+    found = [(int(m.group(1)), p.name.startswith(PREFIX), p) for p in output_dir.iterdir()
+             if (m := _STEP_RE.match(p.name)) and p.is_dir()]
+    return [(step, p) for step, _, p in sorted(found)]  # checkpoint-N after an old step-N of the same N
 
 
 def find_latest_checkpoint(output_dir) -> Path | None:
-    """The folder ``latest`` names, or (if that is missing) the highest ``step-N``; None if none."""
+    """The folder ``latest`` names, or (if that is missing) the highest ``checkpoint-N``; None if none."""
     output_dir = Path(output_dir)
     pointer = output_dir / LATEST
     if pointer.is_file():
@@ -102,18 +110,51 @@ def find_latest_checkpoint(output_dir) -> Path | None:
     return found[-1][1] if found else None
 
 
+def prepare_output_dir(output_dir) -> Path:
+    """Create the run folder ``output_dir``; a path that is a file, lies inside a file, or cannot
+    be written to is a CheckpointError naming ``output_dir`` (before any work is done)."""
+    out = Path(output_dir)
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            where = "is a file" if parent == out else f"lies inside '{parent}', which is a file"
+            raise CheckpointError(f"output_dir='{out}' {where}, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CheckpointError(f"output_dir='{out}' cannot be written to ({exc.strerror or exc})") from None
+    return out
+
+
 def save_checkpoint(output_dir, step: int, *, model, groups, optimizer, schedule, loader,
                     keep: int | None = None, extra: dict | None = None,
                     hooks: TrainingHooks | None = None) -> Path:
-    """Write ``output_dir/step-{step}`` atomically, point ``latest`` at it, keep the last ``keep``."""
+    """Write ``output_dir/checkpoint-{step}`` atomically, point ``latest`` at it, keep the last ``keep``.
+
+    An OSError while writing (a full disk, a folder that became read-only) is a
+    :class:`CheckpointError` naming the checkpoint; the checkpoints already there are untouched."""
     output_dir = Path(output_dir)
-    hooks = TrainingHooks.of(model) if hooks is None else hooks
+    try:
+        return _save_checkpoint(output_dir, step, model=model, groups=groups, optimizer=optimizer,
+                                schedule=schedule, loader=loader, keep=keep, extra=extra,
+                                hooks=TrainingHooks.of(model) if hooks is None else hooks)
+    except OSError as exc:
+        what = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        kept = find_latest_checkpoint(output_dir)
+        raise CheckpointError(f"could not write checkpoint '{output_dir / f'{PREFIX}{step}'}': {what}"
+                              + (f"; '{kept}' is kept as it was" if kept is not None else "")) from None
+
+
+def _save_checkpoint(output_dir: Path, step: int, *, model, groups, optimizer, schedule, loader, keep, extra,
+                     hooks: TrainingHooks) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     for stale in output_dir.iterdir():  # left by a run killed mid-write
         if _TMP_RE.match(stale.name) and stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
-    final = output_dir / f"step-{step}"
-    tmp = output_dir / f".step-{step}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    final = output_dir / f"{PREFIX}{step}"
+    tmp = output_dir / f".{PREFIX}{step}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()  # not mkdtemp: that makes it 0700, this follows the umask like any folder
     try:
         write_safetensors(tmp / "trainable.safetensors", {n: p.data for n, p in _param_names(model, groups)})
@@ -130,7 +171,7 @@ def save_checkpoint(output_dir, step: int, *, model, groups, optimizer, schedule
             "extra": extra or {}})
         _fsync_dir(tmp)
         if final.exists():  # a re-run of the same step: move the old one aside first
-            os.replace(final, output_dir / f".step-{step}.del-{os.getpid()}")
+            os.replace(final, output_dir / f".{PREFIX}{step}.del-{os.getpid()}")
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -139,11 +180,12 @@ def save_checkpoint(output_dir, step: int, *, model, groups, optimizer, schedule
     _fsync_dir(output_dir)
     if keep:
         for old_step, old in list_checkpoints(output_dir)[:-keep]:
-            trash = output_dir / f".step-{old_step}.del-{os.getpid()}"
-            os.replace(old, trash)  # never a half-deleted step-M
+            trash = output_dir / f".{old.name}.del-{os.getpid()}"
+            os.replace(old, trash)  # never a half-deleted checkpoint-M
             shutil.rmtree(trash, ignore_errors=True)
-    for trash in output_dir.glob(".step-*.del-*"):
-        shutil.rmtree(trash, ignore_errors=True)
+    for trash in output_dir.iterdir():
+        if _TMP_RE.match(trash.name) and ".del-" in trash.name:
+            shutil.rmtree(trash, ignore_errors=True)
     return final
 
 

@@ -38,6 +38,7 @@ from typing import Callable
 
 from ..autograd.tensor import no_grad
 from ..errors import MiniPeftError
+from ..plots import matplotlib_missing
 from .arguments import TrainingArguments
 from .batches import iter_batches
 from .data import Dataset
@@ -250,7 +251,7 @@ def plot(results: list[Result], out) -> bool:
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - optional
         from matplotlib.figure import Figure  # noqa: PLC0415
     except ImportError:
-        return False
+        return matplotlib_missing()  # said once per process
     out = Path(out)
     fig = Figure(figsize=(7, 4.5), dpi=100)
     FigureCanvasAgg(fig)

@@ -71,10 +71,10 @@ class TrainingHooks:
 
     save_pretrained: Callable[[Path], None] | None = None
     """``(folder) -> None``: at every checkpoint of an adapter model (one with
-    ``parameter_groups``), into ``step-N/adapter``: the adapter as of that step, for the user."""
+    ``parameter_groups``), into ``checkpoint-N/adapter``: the adapter as of that step, for the user."""
 
     load_method_state: Callable[[Path], None] | None = None
-    """``(folder) -> None``: on resume, with ``step-N/adapter``, after every checkpoint file has
+    """``(folder) -> None``: on resume, with ``checkpoint-N/adapter``, after every checkpoint file has
     been checked and before the parameters are restored: state a method keeps outside its
     parameters (ReLoRA's merged updates, DyLoRA's rank)."""
 

@@ -8,7 +8,8 @@ events with step <= N: the lines a crashed run wrote after its last checkpoint a
 replaced by those of the resumed run, not duplicated.
 
 The plot uses matplotlib's object API with the Agg canvas (no pyplot, no global backend
-switch) and is skipped when matplotlib is not installed.
+switch); without matplotlib (an install extra: ``pip install -e ".[plots]"``) it is skipped
+and minipeft/plots.py says so once.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..io.safetensors import atomic_write
+from ..plots import matplotlib_missing
 
 
 def _clean(value):
@@ -67,7 +69,7 @@ def plot_loss(events: list[dict], path) -> bool:
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - optional
         from matplotlib.figure import Figure  # noqa: PLC0415
     except ImportError:
-        return False
+        return matplotlib_missing()  # said once per process
     train = [(e["step"], e["loss"]) for e in events if e.get("loss") is not None]
     evals = [(e["step"], e["eval_loss"]) for e in events if e.get("eval_loss") is not None]
     fig = Figure(figsize=(6, 4), dpi=100)

@@ -24,19 +24,39 @@ target tokens (otherwise tokens of smaller micro-batches weigh more; the large-b
 would weigh every token equally). ``batch_size`` is the micro-batch size.
 
 Step numbers: hooks and the schedule get the 0-based index of the update being made;
-``metrics.jsonl``, ``step-N`` folders and error messages count updates done (1-based), so
-the update that hook step s belongs to is reported as step s + 1.
+``metrics.jsonl``, ``checkpoint-N`` folders and error messages count updates done (1-based),
+so the update that hook step s belongs to is reported as step s + 1.
 
 Evaluation reports the token-weighted mean loss  L = Σ_b n_b·CE_b / Σ_b n_b  (n_b target
-tokens of batch b) and perplexity exp(L). A non-finite loss or gradient norm stops the run
-with :class:`TrainingError` before the weights change; no checkpoint is written after it.
+tokens of batch b) and perplexity exp(L).
+
+Nothing lost:
+* A non-finite loss or gradient norm stops the run with :class:`TrainingError` before the
+  weights change, in one line that names the checkpoint kept and the learning rate to
+  resume with (NumPy's overflow warnings, which would precede it, are silenced during
+  the updates: the stop says what they would).
+* A checkpoint is written only when the trainable weights are finite and below
+  ``SANE_LIMIT`` in magnitude; weights that diverged stop the run in the same way, so the
+  checkpoint a resume continues is never one that already holds 1e37s.
+* Ctrl-C (progress.py) saves a checkpoint at the step reached and raises
+  :class:`~.progress.TrainingInterrupted`; a resume continues bit for bit. A
+  ``KeyboardInterrupt`` raised before an update touched the weights (from the forward or a
+  hook that runs before the optimizer step) rolls the data cursor and the dropout generator
+  back to the start of that update and saves too; one raised while the weights were being
+  updated saves nothing (the last checkpoint stays the one to resume).
+
+Resuming a checkpoint with another ``max_steps`` (or another warmup or schedule) continues
+it with the schedule asked for now, and says in one warning what changed: a finished run
+is extended with ``max_steps`` = the new total.
+
+Threads: ``train()`` runs with ``args.threads`` BLAS threads (minipeft/threads.py chooses
+when it is None).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
-import sys
 import time
 import warnings
 from collections import deque
@@ -45,43 +65,31 @@ from pathlib import Path
 
 import numpy as np
 
-from ..autograd.tensor import Tensor, no_grad
+from ..autograd.tensor import Tensor
+from ..backend import get_array_module
 from ..errors import CheckpointError, MiniPeftError
+from ..io.checkpoint import read_json
 from ..nn.groups import ParameterGroup
+from ..threads import num_threads
 from .arguments import TrainingArguments
 from .batches import BatchLoader, iter_batches
-from .checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import find_latest_checkpoint, load_checkpoint, prepare_output_dir, save_checkpoint
 from .data import Dataset, Example, load_datasets
 from .hooks import TrainingHooks
 from .metrics import MetricsLog, plot_loss
 from .optim import SGD, AdamW, clip_grad_norm, grad_norm
+from .evaluation import evaluate
+from .progress import InterruptFlag, LogLines, TrainingInterrupted, progress_bar
+from .resuming import saved_schedule, schedule_change, warn_changed_args
 from .schedules import Schedule
+
+# Trainable weights beyond this magnitude have diverged (real LLaMA weights stay within
+# ~1e3; float32 overflows at 3.4e38): no checkpoint is written with them.
+SANE_LIMIT = 1e6
 
 
 class TrainingError(MiniPeftError, RuntimeError):
     """Training cannot go on (a NaN/inf loss or gradient); the message names the step."""
-
-
-def evaluate(model, data: Dataset, batch_size: int = 8) -> dict:
-    """Token-weighted mean loss and perplexity of ``model`` on ``data``, without gradients."""
-    was_training = getattr(model, "training", True)
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        with no_grad():
-            for batch in iter_batches(data, batch_size):
-                n = batch.num_targets
-                if n:
-                    out = model(batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
-                    total, count = total + float(out.loss.item()) * n, count + n
-    finally:
-        model.train(was_training)
-    loss = total / count if count else math.nan
-    try:
-        ppl = math.exp(loss)
-    except OverflowError:
-        ppl = math.inf
-    return {"eval_loss": loss, "eval_ppl": ppl, "eval_tokens": count}
 
 
 @dataclass(frozen=True)
@@ -173,28 +181,72 @@ class Trainer:
 
     def train(self, resume: bool = False) -> dict:
         """Run to ``max_steps`` (continuing the latest checkpoint with ``resume=True``); a summary."""
+        with num_threads(self.args.threads):
+            return self._train(resume)
+
+    def _train(self, resume: bool) -> dict:
         a = self.args
-        Path(a.output_dir).mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(a.output_dir)
         self.optimizer = self._optimizer()
-        self.schedule = Schedule(a.schedule, a.warmup_steps, a.max_steps, restart_every=a.restart_every,
+        self.schedule = Schedule(a.schedule, a.num_warmup_steps, a.max_steps, restart_every=a.restart_every,
                                  restart_warmup_steps=a.restart_warmup_steps, min_lr_ratio=a.min_lr_ratio)
         self.loader = BatchLoader(self.train_data, a.batch_size, np.random.default_rng(a.seed))
         self.metrics = MetricsLog(Path(a.output_dir) / "metrics.jsonl")
         run = self._resume() if resume else self._start()
+        if a.num_warmup_steps > a.max_steps and run.step < a.max_steps:
+            warnings.warn(f"warmup_steps={a.num_warmup_steps} is longer than the run (max_steps={a.max_steps}): "
+                          "the learning rate never reaches its peak", stacklevel=3)
         self.model.train()
         if not resume:
             self._calibrate()
-        bar = _progress_bar(a, total=a.max_steps, initial=run.step, desc="train", unit="step")
-        try:
-            while run.step < a.max_steps:
-                update = self._step(run.step, run.last_saved)
-                run.step += 1
-                self._log(run, update, bar)
-                self._evaluate_and_save(run)
-        finally:
-            bar.close()
-            self._zero_grad()  # after an error too: a half-accumulated gradient is never useful
+        bar = progress_bar(a.progress, total=a.max_steps, initial=run.step, desc="train", unit="step")
+        self._lines = LogLines(a.progress, a.max_steps, run.step)
+        # overflow in a diverging update is reported by the NaN stop, in one line, not as NumPy warnings
+        position, self._committed = None, False
+        with InterruptFlag() as interrupt, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            try:
+                while run.step < a.max_steps:
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
+                    position = self._position(run.step)
+                    self._committed = False  # set by _step when the weights start to change
+                    update = self._step(run.step, run.last_saved)
+                    run.step += 1
+                    self._committed = False
+                    self._log(run, update, bar)
+                    self._evaluate_and_save(run)
+                if interrupt.requested:  # asked during the last update: it is saved already
+                    raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise self._interrupted(run, position) from None
+            finally:
+                bar.close()
+                self._zero_grad()  # after an error too: a half-accumulated gradient is never useful
         return self._summary(run)
+
+    def _position(self, step: int) -> tuple:
+        """Where update ``step`` draws from: the data cursor and the dropout generator (and the step)."""
+        rng = self.hooks.rng
+        return self.loader.state_dict(), (rng.bit_generator.state if rng is not None else None), step
+
+    def _interrupted(self, run: _Run, position) -> TrainingInterrupted:
+        """Ctrl-C: save at the step reached when the weights are consistent; the exception to raise."""
+        if self._committed:  # the weights hold part of an update: not a state to save
+            kept = f"'{run.last_saved}' is kept" if run.last_saved is not None else "no checkpoint was written"
+            return TrainingInterrupted(f"interrupted during update {run.step + 1}, while the weights were being "
+                                       f"changed: nothing saved, {kept}", run.last_saved, run.saved_step)
+        if run.saved_step != run.step and run.step > run.start_step:
+            if position is not None and run.step == position[2]:  # stopped inside an update: undo its draws
+                self.loader.load_state_dict(position[0])
+                if position[1] is not None:
+                    self.hooks.rng.bit_generator.state = position[1]
+            self._zero_grad()
+            self._save(run)
+        elif run.saved_step != run.step:  # nothing done yet in this call
+            return TrainingInterrupted(f"interrupted at step {run.step}, before any update: nothing to save",
+                                       run.last_saved, run.saved_step)
+        return TrainingInterrupted(f"interrupted at step {run.step}: '{run.last_saved}' holds it; resume=True "
+                                   "continues from there", run.last_saved, run.step)
 
     def _parts(self) -> dict:
         """What a checkpoint saves and restores."""
@@ -217,10 +269,22 @@ class Trainer:
         out = Path(self.args.output_dir)
         last_saved = find_latest_checkpoint(out)
         if last_saved is None:
-            raise CheckpointError(f"resume=True, but '{out}' holds no checkpoint (step-N folder)")
-        state = load_checkpoint(last_saved, **self._parts())
+            raise CheckpointError(f"resume=True, but '{out}' holds no checkpoint (checkpoint-N folder)")
+        saved = read_json(last_saved / "trainer_state.json", "trainer state")
+        parts = self._parts()
+        old_schedule = saved_schedule(saved, last_saved)
+        if old_schedule is not None and old_schedule.state_dict() != {**self.schedule.state_dict(),
+                                                                      "step": old_schedule.step}:
+            if old_schedule.step > self.args.max_steps:
+                raise CheckpointError(f"max_steps={self.args.max_steps} is below the {old_schedule.step} steps "
+                                      f"'{last_saved}' has done; ask for at least {old_schedule.step}")
+            parts["schedule"] = old_schedule  # restored as saved; this run then follows the schedule asked for
+        state = load_checkpoint(last_saved, **parts)
         step = state["step"]
-        _warn_changed_args(self.args, state.get("extra", {}).get("args", {}), last_saved)
+        if parts["schedule"] is not self.schedule:
+            self.schedule.step = parts["schedule"].step
+            warnings.warn(schedule_change(parts["schedule"], self.schedule, last_saved), stacklevel=4)
+        warn_changed_args(self.args, state.get("extra", {}).get("args", {}), last_saved)
         self.metrics.resume(step)
         return _Run(step=step, start_step=step, last_saved=last_saved, saved_step=step,
                     recent=deque(maxlen=self.args.log_every))
@@ -249,6 +313,7 @@ class Trainer:
             raise self._error(step, f"the gradient norm is {norm}", last_saved)
         self.optimizer.lr_scale = self.schedule(step)
         lr = a.lr * self.optimizer.lr_scale  # the base lr; groups may scale their own
+        self._committed = True  # from here on the weights change: an interrupt cannot save this state
         self.optimizer.step()
         if hooks.on_step_end:
             hooks.on_step_end(step)
@@ -270,6 +335,7 @@ class Trainer:
         if run.step % self.args.log_every == 0 or run.step == self.args.max_steps:
             self.metrics.append({"step": run.step, "loss": w.loss / w.updates, "lr": update.lr,
                                  "grad_norm": update.grad_norm, "tokens_per_s": tok_s})
+            self._lines(run.step, w.loss / w.updates, update.lr, tok_s)  # when stderr is not a terminal
             run.window = _Window()
 
     def _evaluate_and_save(self, run: _Run) -> None:
@@ -280,10 +346,30 @@ class Trainer:
             self.metrics.append({"step": step, **run.last_eval})
             run.eval_step = step
         if (a.save_every and step % a.save_every == 0) or step == a.max_steps:
-            run.last_saved = save_checkpoint(a.output_dir, step, **self._parts(), keep=a.keep_checkpoints,
-                                             extra={"args": dataclasses.asdict(a)})
-            run.saved_step = step
-            plot_loss(self.metrics.events, Path(a.output_dir) / "loss.png")
+            self._save(run)
+
+    def _save(self, run: _Run) -> None:
+        """A checkpoint at ``run.step``, when the trainable weights are sane (else a TrainingError)."""
+        a = self.args
+        insane = self._insane_weights()
+        if insane is not None:
+            raise self._error(run.step - 1, insane, run.last_saved, weights_changed=True)
+        run.last_saved = save_checkpoint(a.output_dir, run.step, **self._parts(), keep=a.keep_checkpoints,
+                                         extra={"args": dataclasses.asdict(a)})
+        run.saved_step = run.step
+        plot_loss(self.metrics.events, Path(a.output_dir) / "loss.png")
+
+    def _insane_weights(self) -> str | None:
+        """What is wrong with the trainable weights (non-finite, or beyond SANE_LIMIT); None if nothing."""
+        worst = 0.0
+        for g in self.groups:
+            for p in g.params:
+                xp = get_array_module(p.data)
+                if p.data.size:
+                    if not bool(xp.isfinite(p.data).all()):
+                        return "the trainable weights hold NaN or inf values"
+                    worst = max(worst, float(xp.abs(p.data).max()))
+        return f"the trainable weights have diverged (values up to {worst:.3g})" if worst > SANE_LIMIT else None
 
     def _summary(self, run: _Run) -> dict:
         a = self.args
@@ -320,36 +406,16 @@ class Trainer:
             tokens += batch.num_tokens
         return total / k, tokens
 
-    def _error(self, step: int, what: str, last_saved) -> TrainingError:
-        kept = (f"the last good checkpoint, '{last_saved}', is kept" if last_saved is not None
-                else "no checkpoint had been written yet")
-        return TrainingError(f"step {step + 1}: {what}; training stopped before this update changed the "
-                             f"weights, and {kept} (nothing is saved after a bad step). Lower the learning "
-                             "rate or set max_grad_norm, then resume=True.")
-
-
-# Settings that change what a resumed run computes (lr and clipping may be changed on purpose,
-# e.g. after a NaN stop, and the schedule's shape is checked strictly by Schedule itself).
-_SAME_ON_RESUME = ("batch_size", "grad_accum_steps", "weight_decay", "optimizer", "adam_betas", "adam_eps",
-                   "momentum", "seed", "seq_len", "packing", "eval_fraction")
-
-
-def _warn_changed_args(args: TrainingArguments, saved: dict, folder) -> None:
-    now = dataclasses.asdict(args)
-    changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in _SAME_ON_RESUME
-               if k in saved and (list(now[k]) if isinstance(now[k], tuple) else now[k]) != saved[k]]
-    if changed:
-        warnings.warn(f"resuming '{folder}' with changed settings ({'; '.join(changed)}): the run will not "
-                      "continue exactly as it would have", stacklevel=3)
-
-
-def _progress_bar(args: TrainingArguments, *, total: int, initial: int = 0, desc: str, unit: str):
-    """A tqdm bar on stderr, shown only when it is a terminal and ``args.progress`` is set."""
-    from tqdm import tqdm  # noqa: PLC0415 - only the trainer needs it
-
-    enabled = args.progress and sys.stderr.isatty()
-    return tqdm(total=total, initial=initial, file=sys.stderr, disable=not enabled,
-                desc=desc, unit=unit, dynamic_ncols=True)
+    def _error(self, step: int, what: str, last_saved, weights_changed: bool = False) -> TrainingError:
+        """The one-line stop on a non-finite loss or gradient, or on diverged weights (``step`` 0-based)."""
+        stopped = "nothing saved" if weights_changed else "stopped before this update changed the weights"
+        lower = f"{self.args.lr / 10:g}"
+        if last_saved is not None:
+            advice = (f"'{last_saved}' (finite weights) is kept: continue it with a lower learning rate, "
+                      f"resume=True with lr={lower}")
+        else:
+            advice = f"no checkpoint had been written yet: start again with a lower learning rate, lr={lower}"
+        return TrainingError(f"step {step + 1}: {what}; {stopped}; {advice}")
 
 
 def _calibration_batches(data: Dataset, args: TrainingArguments):
@@ -357,7 +423,7 @@ def _calibration_batches(data: Dataset, args: TrainingArguments):
 
     A generator: the bar appears at the first batch taken (a model whose methods do not
     calibrate shows none) and closes when the generator is exhausted or closed."""
-    bar = _progress_bar(args, total=-(-len(data) // args.batch_size), desc="calibrate", unit="batch")
+    bar = progress_bar(args.progress, total=-(-len(data) // args.batch_size), desc="calibrate", unit="batch")
     with bar:
         for batch in iter_batches(data, args.batch_size):
             yield batch

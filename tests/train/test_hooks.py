@@ -111,7 +111,7 @@ def test_calibrate_is_not_called_on_resume_and_the_resume_is_bit_identical(tmp_p
     first = Calibrating()
 
     def kill(step):
-        if step == 2:  # after step-2 was saved
+        if step == 2:  # after checkpoint-2 was saved
             raise KeyboardInterrupt
 
     first.on_step_end = kill

@@ -50,13 +50,13 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, setup):
     interrupted = make()
 
     def kill(step):
-        if step == 4:  # during the 5th update: after step-3 was saved, before step-6
+        if step == 4:  # during the 5th update: after checkpoint-3 was saved, before checkpoint-6
             raise Killed
 
     interrupted.on_step_end = kill
     with pytest.raises(Killed):
         Trainer(interrupted, _args(tmp_path / "b", **extra), data, data).train()
-    assert find_latest_checkpoint(tmp_path / "b").name == "step-3"
+    assert find_latest_checkpoint(tmp_path / "b").name == "checkpoint-3"
 
     resumed = make()  # a new process: fresh model (same base weights), fresh trainer
     summary = Trainer(resumed, _args(tmp_path / "b", **extra), data, data).train(resume=True)
@@ -89,23 +89,23 @@ def test_a_failed_write_leaves_no_trace(tmp_path, monkeypatch):
         real(path, tensors, metadata)
 
     monkeypatch.setattr(ckpt, "write_safetensors", failing)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint '.*checkpoint-3': disk full"):
         ckpt.save_checkpoint(run, 3, model=trainer.model, groups=trainer.groups, optimizer=trainer.optimizer,
                              schedule=trainer.schedule, loader=trainer.loader)
-    assert sorted(p.name for p in run.iterdir()) == before  # no step-3, no .step-3.tmp-*
-    assert (run / "latest").read_text().strip() == "step-2"
+    assert sorted(p.name for p in run.iterdir()) == before  # no checkpoint-3, no .checkpoint-3.tmp-*
+    assert (run / "latest").read_text().strip() == "checkpoint-2"
 
 
 def test_pruning_latest_pointer_and_stale_temp_folders(tmp_path):
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / ".step-9.tmp-dead").mkdir()  # left by a killed run
+    (tmp_path / "run" / ".checkpoint-9.tmp-dead").mkdir()  # left by a killed run
     _trained(tmp_path, steps=5, save_every=1, keep_checkpoints=2)
     run = tmp_path / "run"
-    assert sorted(p.name for p in run.iterdir() if "step" in p.name) == ["step-4", "step-5"]
-    assert find_latest_checkpoint(run).name == "step-5"
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint-4", "checkpoint-5"]
+    assert find_latest_checkpoint(run).name == "checkpoint-5"
     (run / "latest").unlink()
-    assert find_latest_checkpoint(run).name == "step-5"  # falls back to the highest step
-    state = json.loads((run / "step-5" / "trainer_state.json").read_text())
+    assert find_latest_checkpoint(run).name == "checkpoint-5"  # falls back to the highest step
+    state = json.loads((run / "checkpoint-5" / "trainer_state.json").read_text())
     assert state["step"] == 5 and state["data"]["epoch"] == 1 and state["data"]["position"] == 4 and state["extra"]["args"]["max_steps"] == 5
 
 
@@ -115,7 +115,7 @@ def test_a_checkpoint_that_does_not_fit_changes_nothing(tmp_path):
     other = [ParameterGroup("head", [model.model.norm.weight, model.lm_head.weight])]
     before = [p.data.copy() for p in model.parameters()]
     with pytest.raises(CheckpointError, match=r"missing \['lm_head.weight'\].*unexpected \['model.layers.1.mlp"):
-        load_checkpoint(tmp_path / "run" / "step-2", model=model, groups=other, optimizer=trainer.optimizer,
+        load_checkpoint(tmp_path / "run" / "checkpoint-2", model=model, groups=other, optimizer=trainer.optimizer,
                         schedule=trainer.schedule, loader=trainer.loader)
     assert all(np.array_equal(a, p.data) for a, p in zip(before, model.parameters()))
 
@@ -127,8 +127,8 @@ def test_hooks_given_to_save_checkpoint_replace_the_model_lookup(tmp_path):
     args = TrainingArguments(str(tmp_path / "run"), max_steps=1, batch_size=2, progress=False, seq_len=16)
     trainer = Trainer(model, args, data)
     trainer.train()
-    assert (tmp_path / "run" / "step-1" / "adapter").is_dir()
-    state = json.loads((tmp_path / "run" / "step-1" / "trainer_state.json").read_text())
+    assert (tmp_path / "run" / "checkpoint-1" / "adapter").is_dir()
+    state = json.loads((tmp_path / "run" / "checkpoint-1" / "trainer_state.json").read_text())
     assert state["model_rng"] == model.rng.bit_generator.state
     parts = dict(model=model, groups=trainer.groups, optimizer=trainer.optimizer, schedule=trainer.schedule,
                  loader=trainer.loader)
@@ -137,7 +137,7 @@ def test_hooks_given_to_save_checkpoint_replace_the_model_lookup(tmp_path):
     assert json.loads((folder / "trainer_state.json").read_text())["model_rng"] is None
     before = model.rng.bit_generator.state
     model.rng.random(5)
-    load_checkpoint(tmp_path / "run" / "step-1", **parts, hooks=TrainingHooks())
+    load_checkpoint(tmp_path / "run" / "checkpoint-1", **parts, hooks=TrainingHooks())
     assert model.rng.bit_generator.state != before  # the generator was not restored: no rng hook
-    load_checkpoint(tmp_path / "run" / "step-1", **parts)  # looked up on the model: restored
+    load_checkpoint(tmp_path / "run" / "checkpoint-1", **parts)  # looked up on the model: restored
     assert model.rng.bit_generator.state == before

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from ...io import atomic_write
+from ...plots import matplotlib_missing
 from .adalora_allocator import final_ranks
 
 ROWS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -48,7 +49,7 @@ def plot_ranks(ranks: dict[str, int], path, title: str = "AdaLoRA: final rank pe
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 - optional
         from matplotlib.figure import Figure  # noqa: PLC0415
     except ImportError:
-        return False
+        return matplotlib_missing()  # said once per process
     values = [[float("nan") if v is None else v for v in row] for row in grid]
     fig = Figure(figsize=(1.2 + 0.7 * max(len(cols), 1), 1.0 + 0.45 * max(len(rows), 1)), dpi=110)
     FigureCanvasAgg(fig)

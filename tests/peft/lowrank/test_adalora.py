@@ -312,8 +312,8 @@ def test_a_resumed_run_allocates_exactly_as_an_uninterrupted_one(tmp_path, tfina
 
     straight = adalora(**config)
     trainer(tmp_path / "a", straight).train()
-    shutil.copytree(tmp_path / "a" / f"step-{stop}", tmp_path / "b" / f"step-{stop}")
-    (tmp_path / "b" / "latest").write_text(f"step-{stop}\n")
+    shutil.copytree(tmp_path / "a" / f"checkpoint-{stop}", tmp_path / "b" / f"checkpoint-{stop}")
+    (tmp_path / "b" / "latest").write_text(f"checkpoint-{stop}\n")
     resumed = adalora(**config)
     trainer(tmp_path / "b", resumed).train(resume=True)
     assert resumed.peft_config["default"].rank_pattern == straight.peft_config["default"].rank_pattern

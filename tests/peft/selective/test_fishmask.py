@@ -185,7 +185,7 @@ class Killed(Exception):
 
 
 def interrupted_and_resumed(make, data, tmp_path, steps=4, kill_at=2):
-    """(a run of ``steps`` updates, the same run killed after checkpoint step-``kill_at`` and resumed
+    """(a run of ``steps`` updates, the same run killed after checkpoint-``kill_at`` and resumed
     in a fresh model ``make(checkpoint folder)``; ``make(None)`` builds the fresh runs' models)."""
     from minipeft.train.checkpoint import find_latest_checkpoint  # noqa: PLC0415
 
@@ -254,8 +254,8 @@ def test_cli_trains_calibrates_and_resumes(tmp_path, capsys, method):
               "--seq-len", "64", "--save-every", "1", "--eval-every", "2", "--warmup", "0", "--schedule", "constant",
               "--fisher-samples", "5", "--keep-ratio", "0.01", "--reserve-p", "0.2"]
     assert main(common) == 0
-    shutil.rmtree(out / "step-2")
-    (out / "latest").write_text("step-1\n")
+    shutil.rmtree(out / "checkpoint-2")
+    (out / "latest").write_text("checkpoint-1\n")
     assert main(common + ["--resume"]) == 0, capsys.readouterr().err
     loaded = PeftModel.from_pretrained(mp.LlamaForCausalLM.from_pretrained(Path(mp.__file__).parent / "data" /
                                                                            "stories260K"), out)

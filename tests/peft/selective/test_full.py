@@ -174,7 +174,7 @@ def test_cli_trains_resumes_and_the_folder_generates(capsys, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cli(capsys, "train", "--data", data, "--out", split, *TRAIN)
-    shutil.rmtree(split / "step-4")  # the same run, stopped after its step-2 checkpoint
+    shutil.rmtree(split / "checkpoint-4")  # the same run, stopped after its checkpoint-2
     for name in ("model.safetensors", "config.json", "full_finetune.json", "latest"):
         (split / name).unlink()
     cli(capsys, "train", "--data", data, "--out", split, *TRAIN, "--resume")
