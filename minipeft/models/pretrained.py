@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import CheckpointError, ConfigError
 from ..io.checkpoint import load_model_tensors, read_json, save_model_tensors, write_json
+from ..io.safetensors import check_finite_floats
 from .config import LlamaConfig
 
 # Keys some checkpoints carry that are not weights: recomputed buffers.
@@ -43,6 +44,8 @@ def load_gguf(cls, path: Path, device: str, dtype):
         raise ConfigError(f"{path}: {exc}") from None
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
+    check_finite_floats(path, tensors)  # dequantized float32: a NaN / Inf block is named by its HF key
+    config.check_fits(sum(int(t.size) for t in tensors.values()), path, path)  # before cls()
     model = cls(config)
     model.load_state_dict({k: np.asarray(v, dtype=dtype) for k, v in tensors.items()}, source=str(path))
     return model.to(device=device, dtype=dtype)

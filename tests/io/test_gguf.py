@@ -139,6 +139,15 @@ def test_a_damaged_file_is_a_checkpoint_error(tmp_path, folders, damage):
         mp.LlamaForCausalLM.from_pretrained(path)
 
 
+def test_a_non_finite_weight_is_refused_by_key(tmp_path, folders):
+    """A NaN in a dequantized tensor would make every logit NaN: refused, naming the file and key."""
+    _, tensors = read_folder(folders["gqa"])
+    tensors["model.layers.0.mlp.up_proj.weight"][3, 5] = np.nan
+    path = convert(write_folder(tmp_path / "nan", folders["gqa"], tensors), tmp_path / "nan.gguf", Q.F32)
+    with pytest.raises(CheckpointError, match=r"nan\.gguf.*model\.layers\.0\.mlp\.up_proj\.weight.*non-finite"):
+        mp.LlamaForCausalLM.from_pretrained(path)
+
+
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="no such GGUF file"):
         mp.LlamaForCausalLM.from_pretrained(tmp_path / "nothing.gguf")
