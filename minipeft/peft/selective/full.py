@@ -14,7 +14,8 @@ Merge: a no-op. The trained weights are the model's own, so merge_adapter change
 merge_and_unload returns the model with its trained weights (mergeable, at no cost).
 
 Files: the trained model itself, in transformers' layout (``LlamaForCausalLM.save_pretrained``:
-config.json + model.safetensors, transformers loads the folder as it is), plus a small marker
+config.json + model.safetensors, and the base folder's tokenizer files: transformers and
+``--model`` load the folder as it is), plus a small marker
 ``full_finetune.json`` (this config, peft_type "FULL") by which ``PeftModel.from_pretrained``
 recognises the folder and loads its weights into the base model it is given. The marker is not
 named adapter_config.json on purpose: transformers treats a folder with that file as a PEFT
@@ -29,6 +30,7 @@ train the same weights); it cannot be mixed with other methods (as every method 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,6 +121,21 @@ def write_folder(peft_model, name: str, folder: Path) -> None:
                             base_model_name_or_path=config.base_model_name_or_path
                             or getattr(model, "name_or_path", None))
     write_json(Path(folder) / MARKER, config.to_dict(), sort_keys=True)
+    copy_tokenizer_files(config.base_model_name_or_path, folder)
+
+
+# the files transformers' AutoTokenizer (and minipeft's Tokenizer) read from a model folder
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def copy_tokenizer_files(base, folder) -> None:
+    """The base folder's tokenizer files beside the trained weights, so the folder is a whole model
+    (``--model FOLDER``, transformers' ``from_pretrained``); nothing when the base is not a folder."""
+    if base is None or not Path(base).is_dir() or Path(base).resolve() == Path(folder).resolve():
+        return
+    for name in TOKENIZER_FILES:
+        if (Path(base) / name).is_file():
+            shutil.copyfile(Path(base) / name, Path(folder) / name)
 
 
 def read_folder_config(folder) -> FullFineTuningConfig | None:
