@@ -99,15 +99,7 @@ def convert(folder: Path, out: Path, qtype, arch: str = "llama", tokenizer: dict
     w.add_float32(f"{arch}.rope.freq_base", config["rope_theta"] if "rope_theta" in config
                   else config.get("rope_parameters", {}).get("rope_theta", 10000.0))
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config["rms_norm_eps"])
-    for key, value in (tokenizer or {}).items():
-        if isinstance(value, bool):
-            w.add_bool(key, value)
-        elif isinstance(value, int):
-            w.add_uint32(key, value)
-        elif isinstance(value, str):
-            w.add_string(key, value)
-        else:
-            w.add_array(key, value)
+    add_fields(w, tokenizer or {})
     for name, values in tensors.items():
         if name.endswith("q_proj.weight"):
             values = permute(values, heads, heads)
@@ -125,9 +117,8 @@ def convert(folder: Path, out: Path, qtype, arch: str = "llama", tokenizer: dict
     return out
 
 
-def tokenizer_only(out: Path, fields: dict, arch: str = "llama") -> Path:
-    """A GGUF file with metadata only (enough for the tokenizer reader)."""
-    w = gguf.GGUFWriter(str(out), arch)
+def add_fields(w, fields: dict) -> None:
+    """Metadata key -> value, typed as llama.cpp's converter types them (bool, uint32, string, array)."""
     for key, value in fields.items():
         if isinstance(value, bool):
             w.add_bool(key, value)
@@ -137,6 +128,12 @@ def tokenizer_only(out: Path, fields: dict, arch: str = "llama") -> Path:
             w.add_string(key, value)
         else:
             w.add_array(key, value)
+
+
+def tokenizer_only(out: Path, fields: dict, arch: str = "llama") -> Path:
+    """A GGUF file with metadata only (enough for the tokenizer reader)."""
+    w = gguf.GGUFWriter(str(out), arch)
+    add_fields(w, fields)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
