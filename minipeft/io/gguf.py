@@ -24,6 +24,7 @@ no overlaps) is checked, so a damaged header is an error, not a wrong or huge mo
 from __future__ import annotations
 
 import re
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -109,14 +110,42 @@ def _rope_heads(hf: str, config: dict) -> int | None:
 
 
 # ----- reading --------------------------------------------------------------------------------
-def open_gguf(path):
-    """A ``gguf.GGUFReader`` on ``path``; any parse failure becomes a CheckpointError naming the file."""
+def _reader_without_arrays(gguf):
+    """A GGUFReader that steps over metadata arrays instead of building them. gguf makes two
+    NumPy views per string of ``tokenizer.ggml.tokens`` / ``merges`` (200k for a 49k vocabulary:
+    2 of the 3 s a SmolLM2 load took), and loading weights reads no array. A skipped field keeps
+    its key, types and length (``parts[4]``), but no items."""
+    kinds = gguf.GGUFValueType
+
+    class ReaderWithoutArrays(gguf.GGUFReader):
+        def _get_field_parts(self, orig_offs, raw_type):
+            item = kinds(self._get(orig_offs, np.uint32)[0]) if kinds(raw_type) == kinds.ARRAY else None
+            if item is None or (item != kinds.STRING and item not in self.gguf_scalar_to_np):
+                return super()._get_field_parts(orig_offs, raw_type)
+            raw_item, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
+            offs = orig_offs + 12
+            if item == kinds.STRING:  # walk the lengths: struct on the raw bytes, no array per string
+                raw, length = memoryview(self.data), "<Q" if self.endianess == gguf.GGUFEndian.LITTLE else ">Q"
+                for _ in range(int(count[0])):
+                    offs += 8 + struct.unpack_from(length, raw, offs)[0]
+            else:
+                offs += int(count[0]) * np.dtype(self.gguf_scalar_to_np[item]).itemsize
+            if offs > len(self.data):
+                raise ValueError(f"a metadata array runs past the end of the file (byte {offs})")
+            return offs - orig_offs, [raw_item, count], [], [kinds.ARRAY, item]
+
+    return ReaderWithoutArrays
+
+
+def open_gguf(path, arrays: bool = True):
+    """A ``gguf.GGUFReader`` on ``path``; any parse failure becomes a CheckpointError naming the file.
+    ``arrays=False``: metadata arrays (the tokenizer's) are skipped, not read (see above)."""
     gguf = _gguf()
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
     try:
-        return gguf.GGUFReader(path)
+        return (gguf.GGUFReader if arrays else _reader_without_arrays(gguf))(path)
     except (OSError, MemoryError) as exc:
         raise CheckpointError(f"{path}: cannot read GGUF file: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - gguf raises ValueError, KeyError, IndexError ... on bad bytes
@@ -179,7 +208,8 @@ def gguf_config(reader, path) -> dict:
                               "is not supported")
     tokens = reader.fields.get("tokenizer.ggml.tokens")  # counted, not decoded: 100k strings are slow
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    default_vocab = len(tokens.data) if tokens is not None else (int(embed.shape[-1]) if embed is not None else 0)
+    # parts: key length, key, value type, item type, item count, items (none when skipped)
+    default_vocab = int(tokens.parts[4][0]) if tokens is not None else (int(embed.shape[-1]) if embed is not None else 0)
     config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
@@ -234,7 +264,7 @@ def _dequantized(tensor, path) -> np.ndarray:
 def read_gguf(path) -> tuple[dict, dict[str, np.ndarray]]:
     """``(config dict, {hf_name: float32 array})`` of a llama GGUF file, q/k rows in HF order."""
     path = Path(path)
-    reader = open_gguf(path)
+    reader = open_gguf(path, arrays=False)  # the weights need no metadata array
     config = gguf_config(reader, path)
     blocks = config["num_hidden_layers"]
     if not isinstance(blocks, int) or not 0 < blocks <= len(reader.tensors) // len(_BLOCK_NAMES):

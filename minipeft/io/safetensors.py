@@ -16,16 +16,26 @@ least as strict as the reference one: strict JSON (no NaN, no lone surrogates), 
 tensors tile the data section exactly (no overlap, no gap, nothing after the last), since
 anything else is a file whose loads would be silently wrong.
 
-The reader reads the file once into one writable buffer and returns NumPy views
-into it (no second copy). The writer orders tensors in the data buffer by
-item size (largest first), then by name, as the reference writer does: with the
-header padded to a multiple of 8 bytes this keeps every tensor aligned to its
-item size, so readers can view the bytes without copying.
+The reader maps the file copy-on-write (``mmap.ACCESS_COPY``) and returns NumPy
+views into the mapping: nothing is read until used, and nothing is copied. The views
+are writable, because parameters are changed in place (optimizer steps, a LoRA merge
+``W += ΔW``), but a write only copies that page into this process's memory: the file
+on disk never changes. (``read_safetensors(path, mmap=False)`` reads the file into one
+buffer instead; so it does by default on Windows, which cannot delete or replace a mapped
+file.) Like every memory-mapped loader (the ``safetensors`` package too), this trusts that
+no one truncates the file while it is mapped; our own writer replaces files by renaming
+(:func:`atomic_write`), so saving over a loaded model is safe.
+
+The writer orders tensors in the data buffer by item size (largest first), then by
+name, as the reference writer does: with the header padded to a multiple of 8 bytes
+this keeps every tensor aligned to its item size, so readers can view the bytes
+without copying.
 """
 from __future__ import annotations
 
 import json
 import math
+import mmap as _mmap
 import os
 import sys
 import tempfile
@@ -208,31 +218,45 @@ def read_safetensors_header(path) -> tuple[dict[str, TensorInfo], dict[str, str]
     return infos, metadata
 
 
-def read_safetensors(path) -> dict[str, np.ndarray]:
+# Windows refuses to delete or replace a file while it is mapped (checkpoint rotation, saving
+# over a loaded model): there the reader reads into memory instead.
+_MAP_BY_DEFAULT = os.name != "nt"
+
+
+def read_safetensors(path, mmap: bool = _MAP_BY_DEFAULT) -> dict[str, np.ndarray]:
     """Read every tensor of a safetensors file as a NumPy array of its stored dtype.
 
     F64/F32/F16 become NumPy floats, BF16 becomes ``ml_dtypes.bfloat16``, the
-    integer types and BOOL their NumPy twins. The data section is read once into
-    one writable buffer and each array is a view into it, so the arrays may be
-    kept and modified (they keep that buffer alive). A tensor at an offset that
-    is not a multiple of its item size (possible in files from other writers) is
-    copied so that every returned array is aligned.
+    integer types and BOOL their NumPy twins. Each array is a writable view: with
+    ``mmap`` (the default, except on Windows) into a private copy-on-write mapping of the file (pages are
+    read when touched, copied only when written, never written back), else into one
+    buffer the data section is read into. The arrays keep their mapping or buffer
+    alive. A tensor at an offset that is not a multiple of its item size (possible in
+    files from other writers) is copied so that every returned array is aligned.
     """
     with _open(path) as f:
         infos, _, start = _read_header(path, f)
-        f.seek(start)
-        buffer = bytearray(os.fstat(f.fileno()).st_size - start)
-        try:
-            got = f.readinto(buffer)
-        except OSError as exc:
-            raise _fail(path, f"cannot be read: {exc.strerror or exc}") from None
-    if got != len(buffer):  # the file shrank between fstat and read
-        raise _fail(path, f"file is truncated: read {got} of {len(buffer)} data bytes")
+        size = os.fstat(f.fileno()).st_size
+        if mmap:
+            try:  # the mapping holds its own handle: closing the file leaves it valid
+                buffer = _mmap.mmap(f.fileno(), size, access=_mmap.ACCESS_COPY)
+            except (OSError, ValueError) as exc:
+                raise _fail(path, f"cannot be mapped into memory: {getattr(exc, 'strerror', None) or exc}") from None
+        else:
+            f.seek(start)
+            buffer = bytearray(size - start)
+            try:
+                got = f.readinto(buffer)
+            except OSError as exc:
+                raise _fail(path, f"cannot be read: {exc.strerror or exc}") from None
+            if got != len(buffer):  # the file shrank between fstat and read
+                raise _fail(path, f"file is truncated: read {got} of {len(buffer)} data bytes")
+            start = 0  # the buffer holds the data section only
     tensors = {}
     for key, info in infos.items():
         dtype = DTYPES[info.dtype]
         count = math.prod(info.shape)
-        array = np.frombuffer(buffer, dtype=dtype, count=count, offset=info.begin)
+        array = np.frombuffer(buffer, dtype=dtype, count=count, offset=start + info.begin)
         if sys.byteorder == "big":  # the file is little-endian
             array = array.byteswap()
         array = array.reshape(info.shape)

@@ -3,8 +3,11 @@
 A folder holds ``config.json``, the weights (``model.safetensors`` or shards
 listed in ``model.safetensors.index.json``) and optionally
 ``generation_config.json``. Since module paths equal checkpoint keys, loading
-is: read config, build the model, check every key and shape against it, copy.
-Weights stored as F16 or BF16 are converted to float32 (the compute dtype).
+is: read config, build the model, check every key and shape against it, set.
+Weights stored as F16 or BF16 are converted to float32 (the compute dtype), once;
+float32 weights are not copied at all: the parameters are views of the copy-on-write
+memory map :func:`~minipeft.io.safetensors.read_safetensors` makes, so pages are read
+from the file when first used and copied only when a parameter is written.
 A ``.gguf`` file (llama.cpp's format) loads too: config and weights come from
 :mod:`minipeft.io.gguf`, dequantized to float32, then go through the same checks.
 """
@@ -47,6 +50,7 @@ def load_gguf(cls, path: Path, device: str, dtype):
     check_finite_floats(path, tensors)  # dequantized float32: a NaN / Inf block is named by its HF key
     config.check_fits(sum(int(t.size) for t in tensors.values()), path, path)  # before cls()
     model = cls(config)
+    # asarray: no copy when the dtype already matches (float32 dequantized weights)
     model.load_state_dict({k: np.asarray(v, dtype=dtype) for k, v in tensors.items()}, source=str(path))
     return model.to(device=device, dtype=dtype)
 

@@ -125,10 +125,13 @@ class Module:
             p.grad = None
 
     def to(self, device: str | None = None, dtype=None) -> "Module":
-        """Move every parameter (in place) to ``device`` and/or cast it to ``dtype``."""
+        """Move every parameter (in place) to ``device`` and/or cast it to ``dtype``.
+
+        An array already on ``device`` with ``dtype`` is kept, not copied: a model loaded
+        from a memory-mapped file stays a view of it (frozen weights are never copied)."""
         for p in self.parameters():
             data = p.data if device is None else to_device(p.data, device)
-            p.data = data if dtype is None else data.astype(dtype)
+            p.data = data if dtype is None else data.astype(dtype, copy=False)
             p.grad = None
         return self
 
@@ -144,10 +147,12 @@ class Module:
         return {name: np.array(to_numpy(p.data), copy=True) for name, p in self.named_parameters()}
 
     def load_state_dict(self, state: dict, strict: bool = True, source: str = "state dict") -> None:
-        """Copy arrays into parameters by name, checking keys and shapes first.
+        """Set parameters from arrays by name, checking keys and shapes first.
 
-        With ``strict`` every parameter must be present and nothing else may be.
-        All problems are reported together, naming ``source`` (e.g. the file),
+        An array that already has the parameter's dtype (and device) becomes its data
+        without a copy (so a model can hold views of a memory-mapped file); any other
+        is converted once. With ``strict`` every parameter must be present and nothing
+        else may be. All problems are reported together, naming ``source`` (e.g. the file),
         and nothing is changed unless every check passes.
         """
         params = dict(self.named_parameters())
