@@ -15,6 +15,7 @@ from .errors import CheckpointError, ConfigError, DataError, DeviceError, InputE
 from .io.tokenizer import Tokenizer
 from .models import KVCache, LlamaConfig, LlamaForCausalLM
 from .peft.additive.proxy_tuning import ProxyTuning
+from .profiler import profile_step
 from .threads import get_num_threads, set_num_threads
 
 __version__ = "0.1.0"
@@ -22,5 +23,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "DeviceError", "InputError", "KVCache", "LlamaConfig",
     "LlamaForCausalLM", "MiniPeftError", "ProxyTuning", "Tensor", "Tokenizer", "bundled_model_path", "no_grad", "peft",
+    "profile_step",
     "get_num_threads", "set_num_threads", "train",
 ]

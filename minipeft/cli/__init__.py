@@ -20,7 +20,7 @@ import warnings
 from .. import __version__
 from ..errors import MiniPeftError
 from ..threads import num_threads
-from . import chat, compare, generate, info, lorahub, merge, train
+from . import chat, compare, generate, info, lorahub, merge, profile, train
 from .common import Parser
 
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minipeft", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"minipeft {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for command in (train, compare, generate, chat, merge, info, lorahub):
+    for command in (train, compare, generate, chat, merge, info, lorahub, profile):
         command.add_parser(sub)
     return parser
 
