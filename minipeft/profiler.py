@@ -237,10 +237,12 @@ def profile_step(model, input_ids, labels=None, *, steps: int = 3, warmup: int =
     those of an unprofiled step. ``train=False`` profiles the forward alone, without
     gradients (``no_grad``: what evaluation and generation run), and no optimizer.
     """
+    from .allocator import keep_freed_memory  # noqa: PLC0415
     from .threads import get_num_threads  # noqa: PLC0415
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
+    keep_freed_memory()  # the memory behaviour of Trainer.train(), so the times are the trainer's
     labels = input_ids if labels is None else labels
     optimizer = (optimizer or default_optimizer(model)) if train else None
     optimizer_s = 0.0

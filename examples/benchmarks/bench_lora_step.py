@@ -68,8 +68,10 @@ def worker(framework: str, method: str, folder: str, batch: int, seq: int, repea
     ids = np.random.default_rng(0).integers(0, 512, size=(batch, seq))
     if framework == "minipeft":
         import minipeft as mp
+        from minipeft.allocator import keep_freed_memory
         from minipeft.train.optim import AdamW
 
+        keep_freed_memory()  # as Trainer.train() does
         base = mp.LlamaForCausalLM.from_pretrained(folder)
         config_class, kwargs = METHODS[method]
         model = mp.peft.get_peft_model(base, getattr(mp.peft, config_class)(**kwargs))

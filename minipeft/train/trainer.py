@@ -49,6 +49,7 @@ Resuming a checkpoint with another ``max_steps`` (or another warmup or schedule)
 it with the schedule asked for now, and says in one warning what changed: a finished run
 is extended with ``max_steps`` = the new total.
 
+Memory: ``train()`` first asks glibc to keep freed memory for the next step (minipeft/allocator.py).
 Threads: ``train()`` runs with ``args.threads`` BLAS threads (minipeft/threads.py chooses
 when it is None).
 """
@@ -70,6 +71,7 @@ from ..backend import get_array_module
 from ..errors import CheckpointError, MiniPeftError
 from ..io.checkpoint import read_json
 from ..nn.groups import ParameterGroup
+from ..allocator import keep_freed_memory
 from ..threads import num_threads
 from .arguments import TrainingArguments
 from .batches import BatchLoader, iter_batches
@@ -181,6 +183,7 @@ class Trainer:
 
     def train(self, resume: bool = False) -> dict:
         """Run to ``max_steps`` (continuing the latest checkpoint with ``resume=True``); a summary."""
+        keep_freed_memory()  # a step's large temporaries reuse the last step's pages (minipeft/allocator.py)
         with num_threads(self.args.threads):
             return self._train(resume)
 
