@@ -211,6 +211,17 @@ def peft_randomize(model, seed: int = 5, scale: float = 0.3) -> None:
                 p.add_(scale * torch.randn_like(p))
 
 
+def assert_peft_loads_ours(peft_model, hf_folder, folder, rtol: float = 1e-5):
+    """Save our ``peft_model`` to ``folder`` and load it in PEFT on the transformers model in ``hf_folder``:
+    no missing / unexpected keys, and the same logits. Returns PEFT's model."""
+    expected = our_logits(peft_model.eval(), token_ids())
+    peft_model.save_pretrained(folder)
+    theirs, complaints = load_in_peft(hf_folder, folder)
+    assert not complaints, complaints
+    assert_logits_close(their_logits(theirs, token_ids()), expected, rtol=rtol)
+    return theirs
+
+
 def load_in_peft(hf_folder, adapter_folder):
     """(PEFT's model of ``adapter_folder`` on the transformers model in ``hf_folder``, the
     missing / unexpected-key warnings PEFT gave while loading it)."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.peft.helpers import (
-    assert_logits_close, hf_checkpoints, hf_model, import_oracles, load_in_peft, our_logits, ours,
+    assert_logits_close, assert_peft_loads_ours, hf_checkpoints, hf_model, import_oracles, our_logits, ours,
     peft_randomize, printed, randomize, their_logits, token_ids,
 )
 
@@ -42,11 +42,7 @@ def test_an_adapter_saved_here_loads_in_peft(case, folders, tmp_path):
     kind, config = CASES[case]
     peft_model = get_peft_model(ours(folders[kind]), IA3Config(**config))
     randomize(peft_model)
-    expected = our_logits(peft_model.eval(), token_ids())
-    peft_model.save_pretrained(tmp_path)
-    theirs, complaints = load_in_peft(folders[kind], tmp_path)
-    assert not complaints
-    assert_logits_close(their_logits(theirs, token_ids()), expected)
+    assert_peft_loads_ours(peft_model, folders[kind], tmp_path)
 
 
 @pytest.mark.parametrize("case", IDS)

@@ -13,8 +13,8 @@ peft = pytest.importorskip("peft", reason="peft not installed (Hugging Face PEFT
 
 from minipeft.peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from tests.peft.helpers import (  # noqa: E402
-    assert_logits_close, hf_checkpoints, hf_model, load_in_peft, our_logits, ours, peft_randomize, printed,
-    randomize, their_logits, token_ids,
+    assert_logits_close, assert_peft_loads_ours, hf_checkpoints, hf_model, our_logits, ours, peft_randomize,
+    printed, randomize, their_logits, token_ids,
 )
 
 MODELS = {"untied": {}, "bias": {"attention_bias": True}, "tied": {"tie_word_embeddings": True}}
@@ -44,11 +44,7 @@ def test_an_adapter_saved_here_loads_in_peft(case, folders, tmp_path):
     model_kind, config = CASES[case]
     peft_model = get_peft_model(ours(folders[model_kind]), LoraConfig(**config))
     randomize(peft_model)
-    expected = our_logits(peft_model.eval(), token_ids())
-    peft_model.save_pretrained(tmp_path)
-    theirs, complaints = load_in_peft(folders[model_kind], tmp_path)
-    assert not complaints
-    assert_logits_close(their_logits(theirs, token_ids()), expected, rtol=1e-4)
+    assert_peft_loads_ours(peft_model, folders[model_kind], tmp_path, rtol=1e-4)
 
 
 @pytest.mark.parametrize("case", IDS)
