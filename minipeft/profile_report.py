@@ -23,6 +23,13 @@ class OpStats:
     forward_flops: int = 0
     backward_flops: int = 0
 
+    def add(self, direction: str, seconds: float, nbytes: int, flops: int) -> None:
+        """One call's share, ``direction`` "forward" or "backward"."""
+        setattr(self, f"{direction}_calls", getattr(self, f"{direction}_calls") + 1)
+        setattr(self, f"{direction}_s", getattr(self, f"{direction}_s") + seconds)
+        setattr(self, f"{direction}_bytes", getattr(self, f"{direction}_bytes") + nbytes)
+        setattr(self, f"{direction}_flops", getattr(self, f"{direction}_flops") + flops)
+
     @property
     def total_s(self) -> float:
         return self.forward_s + self.backward_s

@@ -116,11 +116,6 @@ class _Recorder:
             flops, label = self.backward_flops.pop(id(fn), (0, None))
             if label is not None:
                 rows.append(self.row(self.stats.shapes, label))
-            for stats in rows:
-                stats.backward_calls += 1
-                stats.backward_s += own
-                stats.backward_bytes += new_bytes
-                stats.backward_flops += flops
         else:
             counter = FLOP_COUNTERS.get(type(fn).__name__)
             flops = 0
@@ -128,11 +123,8 @@ class _Recorder:
                 flops, backward_flops, label = counter(fn, *args, **params)
                 self.backward_flops[id(fn)] = (backward_flops, label)
                 rows.append(self.row(self.stats.shapes, label))
-            for stats in rows:
-                stats.forward_calls += 1
-                stats.forward_s += own
-                stats.forward_bytes += new_bytes
-                stats.forward_flops += flops
+        for stats in rows:
+            stats.add("backward" if backward else "forward", own, new_bytes, flops)
         return out
 
 
