@@ -1,0 +1,111 @@
+"""The speed table in one command: minipeft next to PyTorch (+ PEFT / transformers), row by row,
+each with its goal.
+
+    python examples/benchmarks/run_all.py [--smollm FOLDER] [--repeats 5] [--json rows.jsonl]
+
+Rows (the workloads of the CPU-performance goals):
+
+- a LoRA training step (r=8 on all seven projections, forward + backward + AdamW): the bundled
+  stories260K and the stories15M shape at batch 8 × 256, 1 and 2 threads; SmolLM2-135M at
+  batch 4 × 128, 1 thread (bench_lora_step.py: one process per framework and configuration,
+  the median of ``--repeats`` steps after a warm-up); its peak RSS;
+- loading SmolLM2-135M from a float32 safetensors folder, and load + 32 greedy tokens' peak RSS
+  (bench_load.py: a fresh process per measurement, frameworks alternating, medians).
+
+The SmolLM2 rows need ``--smollm FOLDER`` (a float32 Hugging Face folder, e.g. written by
+``mp.LlamaForCausalLM.from_pretrained("model.gguf").save_pretrained(FOLDER)`` plus its
+tokenizer files); without it they are skipped with a message: a benchmark never downloads.
+Not here yet: the forward-without-grad and greedy-decode rows (bench_inference.py measures them).
+
+Prints a Markdown table (ratio = minipeft ÷ PyTorch, < 1 is faster or smaller; "met" compares it
+with the goal), the date, the machine and the load average; ``--json`` also writes one JSON
+line per row. Run it on a quiet machine (``uptime`` first).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from types import SimpleNamespace
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_load  # noqa: E402
+import bench_lora_step  # noqa: E402
+
+STEP_GOAL, TRAIN_RSS_GOAL, LOAD_GOAL, GENERATE_RSS_GOAL = 0.8, 0.6, 1.5, 0.8
+
+
+def step_rows(name: str, folder: str, threads: int, batch: int, seq: int, repeats: int) -> list[dict]:
+    """A LoRA step's time and the process's peak RSS, PyTorch + PEFT and minipeft."""
+    args = SimpleNamespace(batch=batch, seq=seq, repeats=repeats)
+    got = {fw: bench_lora_step.run_child(fw, "lora", folder, threads, args) for fw in ("torch", "minipeft")}
+    if None in got.values():
+        return []
+    where = f"{name}, {batch}×{seq}, {threads} thread{'s' if threads > 1 else ''}"
+    return [row(f"LoRA step, {where}", "s", got["minipeft"]["step_s"], got["torch"]["step_s"], STEP_GOAL),
+            row(f"peak RSS, LoRA training, {where}", "MB", got["minipeft"]["peak_rss_mb"],
+                got["torch"]["peak_rss_mb"], TRAIN_RSS_GOAL)]
+
+
+def load_rows(folder: str, repeats: int) -> list[dict]:
+    """Load time, and load + generate peak RSS, minipeft and transformers alternating."""
+    args = SimpleNamespace(new_tokens=32, threads=1)
+    out = []
+    for task, key, what, goal in (("load", "seconds", "load time", LOAD_GOAL),
+                                  ("generate", "peak_rss_mb", "peak RSS, load + 32 greedy tokens", GENERATE_RSS_GOAL)):
+        runs = {"minipeft": [], "transformers": []}
+        for _ in range(repeats):
+            for framework in runs:  # alternate, so machine load hits both alike
+                runs[framework].append(bench_load.measure(framework, task, folder, args)[key])
+        unit = "s" if key == "seconds" else "MB"
+        out.append(row(f"{what}, SmolLM2-135M f32", unit, statistics.median(runs["minipeft"]),
+                       statistics.median(runs["transformers"]), goal))
+    return out
+
+
+def row(what: str, unit: str, ours: float, theirs: float, goal: float) -> dict:
+    ratio = ours / theirs
+    return {"row": what, "unit": unit, "minipeft": ours, "pytorch": theirs, "ratio": ratio, "goal": goal,
+            "met": ratio <= goal}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smollm", metavar="FOLDER", default=None, help="SmolLM2-135M float32 folder (else skipped)")
+    p.add_argument("--repeats", type=int, default=5, help="steps (or fresh processes) per median (default 5)")
+    p.add_argument("--json", metavar="FILE", default=None, help="also write one JSON line per row")
+    args = p.parse_args(argv)
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        folders = bench_lora_step.make_model_folders(root)
+        for name, label in (("stories15m", "stories15M shape"), ("bundled", "bundled stories260K")):
+            for threads in (1, 2):
+                rows += step_rows(label, folders[name], threads, 8, 256, args.repeats)
+                print(f"  done: {label}, {threads} thread(s)", file=sys.stderr, flush=True)
+    if args.smollm and os.path.isdir(args.smollm):
+        rows += step_rows("SmolLM2-135M", args.smollm, 1, 4, 128, args.repeats)
+        rows += load_rows(args.smollm, args.repeats)
+    else:
+        print(f"skipping the SmolLM2 rows: {'no --smollm folder' if not args.smollm else args.smollm + ' is not a folder'}"
+              " (benchmarks never download)", file=sys.stderr)
+    print(f"{datetime.date.today()}, {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f}; medians of {args.repeats}\n")
+    print("| row | minipeft | PyTorch | ratio | goal | met |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        fmt = "{:.3f} s" if r["unit"] == "s" else "{:,.0f} MB"
+        print(f"| {r['row']} | {fmt.format(r['minipeft'])} | {fmt.format(r['pytorch'])} | {r['ratio']:.2f}× | "
+              f"≤ {r['goal']}× | {'yes' if r['met'] else 'no'} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()
