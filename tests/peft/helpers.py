@@ -222,6 +222,16 @@ def assert_peft_loads_ours(peft_model, hf_folder, folder, rtol: float = 1e-5):
     return theirs
 
 
+def assert_peft_saved_loads_here(theirs, hf_folder, folder, rtol: float = 1e-5):
+    """Save PEFT's model ``theirs`` to ``folder`` and load it here on our model of ``hf_folder``: the
+    same logits. Returns our PeftModel."""
+    expected = their_logits(theirs.eval(), token_ids())
+    theirs.save_pretrained(str(folder))
+    loaded = mp.peft.PeftModel.from_pretrained(ours(hf_folder), folder)
+    assert_logits_close(our_logits(loaded, token_ids()), expected, rtol=rtol)
+    return loaded
+
+
 def load_in_peft(hf_folder, adapter_folder):
     """(PEFT's model of ``adapter_folder`` on the transformers model in ``hf_folder``, the
     missing / unexpected-key warnings PEFT gave while loading it)."""

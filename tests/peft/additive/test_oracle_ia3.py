@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from tests.peft.helpers import (
-    assert_logits_close, assert_peft_loads_ours, hf_checkpoints, hf_model, import_oracles, our_logits, ours,
-    peft_randomize, printed, randomize, their_logits, token_ids,
+    assert_logits_close, assert_peft_loads_ours, assert_peft_saved_loads_here, hf_checkpoints, hf_model,
+    import_oracles, our_logits, ours, peft_randomize, printed, randomize, their_logits, token_ids,
 )
 
 torch, transformers, peft = import_oracles()
@@ -50,20 +50,14 @@ def test_an_adapter_saved_by_peft_loads_here(case, folders, tmp_path):
     kind, config = CASES[case]
     theirs = peft.get_peft_model(hf_model(folders[kind]), peft.IA3Config(task_type="CAUSAL_LM", **config))
     peft_randomize(theirs)
-    expected = their_logits(theirs.eval(), token_ids())
-    theirs.save_pretrained(str(tmp_path))
-    loaded = PeftModel.from_pretrained(ours(folders[kind]), tmp_path)
-    assert_logits_close(our_logits(loaded, token_ids()), expected)
+    assert_peft_saved_loads_here(theirs, folders[kind], tmp_path)
 
 
 def test_peft_random_init_loads_here(folders, tmp_path):
     """init_ia3_weights=False: PEFT's torch.randn vectors, used as they are."""
     theirs = peft.get_peft_model(hf_model(folders["gqa"]), peft.IA3Config(init_ia3_weights=False))
-    expected = their_logits(theirs.eval(), token_ids())
-    theirs.save_pretrained(str(tmp_path))
-    loaded = PeftModel.from_pretrained(ours(folders["gqa"]), tmp_path)
+    loaded = assert_peft_saved_loads_here(theirs, folders["gqa"], tmp_path)
     assert loaded.peft_config["default"].init_ia3_weights is False
-    assert_logits_close(our_logits(loaded, token_ids()), expected)
 
 
 @pytest.mark.parametrize("case", ["explicit", "bias_attention_and_mlp"])

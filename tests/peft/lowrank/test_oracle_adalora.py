@@ -21,7 +21,8 @@ from minipeft.peft.lowrank import adalora_allocator as allocator  # noqa: E402
 from minipeft.peft.lowrank.adalora import AdaLoraConfig  # noqa: E402
 from minipeft.train.optim import AdamW  # noqa: E402
 from tests.peft.helpers import (  # noqa: E402
-    assert_logits_close, hf_checkpoint, hf_model, our_logits, ours, printed, randomize, their_logits, token_ids,
+    assert_logits_close, assert_peft_saved_loads_here, hf_checkpoint, hf_model, our_logits, ours, printed,
+    randomize, their_logits, token_ids,
 )
 
 SCHEDULE = dict(init_r=4, target_r=2, total_step=8, tinit=1, tfinal=2, lora_alpha=8)
@@ -70,11 +71,8 @@ def test_an_adapter_peft_allocated_loads_here(folders, tmp_path):
         theirs.base_model.update_and_allocate(step)
         optimizer.zero_grad()
     assert pruned(theirs.peft_config["default"].rank_pattern)
-    expected = their_logits(theirs.eval(), token_ids())
-    theirs.save_pretrained(str(tmp_path))
-    loaded = PeftModel.from_pretrained(ours(folders["untied"]), tmp_path)
+    loaded = assert_peft_saved_loads_here(theirs, folders["untied"], tmp_path, rtol=1e-4)
     assert any(layer.lora_E["default"].data.any() for _, layer in allocator.adapted_layers(loaded, "default"))
-    assert_logits_close(our_logits(loaded, token_ids()), expected, rtol=1e-4)
 
 
 def test_a_peft_adapter_with_a_hand_set_rank_pattern_loads_here(folders, tmp_path):

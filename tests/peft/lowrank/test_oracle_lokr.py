@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from tests.peft.helpers import (
-    assert_logits_close, hf_checkpoint, hf_model, import_oracles, load_in_peft, our_logits, ours,
-    peft_randomize, printed, randomize, their_logits, token_ids,
+    assert_logits_close, assert_peft_saved_loads_here, hf_checkpoint, hf_model, import_oracles, load_in_peft,
+    our_logits, ours, peft_randomize, printed, randomize, their_logits, token_ids,
 )
 
 torch, transformers, peft = import_oracles()
 
 from peft.tuners.lokr.layer import factorization as peft_factorization  # noqa: E402
 
-from minipeft.peft import LoKrConfig, PeftModel, get_peft_model  # noqa: E402
+from minipeft.peft import LoKrConfig, get_peft_model  # noqa: E402
 from minipeft.peft.lowrank.lokr import factorization  # noqa: E402
 
 # TINY: hidden 32 = 4·8, intermediate 48 = 6·8, k/v out 16 = 4·4
@@ -61,10 +61,7 @@ def test_an_adapter_saved_here_loads_in_peft(case, folder, tmp_path):
 def test_an_adapter_saved_by_peft_loads_here(case, folder, tmp_path):
     theirs = peft.get_peft_model(hf_model(folder), peft.LoKrConfig(task_type="CAUSAL_LM", **CASES[case]))
     peft_randomize(theirs)
-    expected = their_logits(theirs.eval(), token_ids())
-    theirs.save_pretrained(str(tmp_path))
-    loaded = PeftModel.from_pretrained(ours(folder), tmp_path)
-    assert_logits_close(our_logits(loaded, token_ids()), expected)
+    assert_peft_saved_loads_here(theirs, folder, tmp_path)
     # the same parameters under the same names and shapes, in memory
     their_shapes = {n: tuple(p.shape) for n, p in theirs.named_parameters() if "lokr_" in n}
     mine = get_peft_model(ours(folder), LoKrConfig(**CASES[case]))

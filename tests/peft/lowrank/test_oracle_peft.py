@@ -13,8 +13,8 @@ peft = pytest.importorskip("peft", reason="peft not installed (Hugging Face PEFT
 
 from minipeft.peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from tests.peft.helpers import (  # noqa: E402
-    assert_logits_close, assert_peft_loads_ours, hf_checkpoints, hf_model, our_logits, ours, peft_randomize,
-    printed, randomize, their_logits, token_ids,
+    assert_logits_close, assert_peft_loads_ours, assert_peft_saved_loads_here, hf_checkpoints, hf_model, our_logits,
+    ours, peft_randomize, printed, randomize, their_logits, token_ids,
 )
 
 MODELS = {"untied": {}, "bias": {"attention_bias": True}, "tied": {"tie_word_embeddings": True}}
@@ -52,10 +52,7 @@ def test_an_adapter_saved_by_peft_loads_here(case, folders, tmp_path):
     model_kind, config = CASES[case]
     theirs = peft.get_peft_model(hf_model(folders[model_kind]), peft.LoraConfig(task_type="CAUSAL_LM", **config))
     peft_randomize(theirs)
-    expected = their_logits(theirs.eval(), token_ids())
-    theirs.save_pretrained(str(tmp_path))
-    loaded = PeftModel.from_pretrained(ours(folders[model_kind]), tmp_path)
-    assert_logits_close(our_logits(loaded, token_ids()), expected, rtol=1e-4)
+    assert_peft_saved_loads_here(theirs, folders[model_kind], tmp_path, rtol=1e-4)
 
 
 @pytest.mark.parametrize("config", [

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 from tests.peft.helpers import (
-    assert_logits_close, assert_peft_loads_ours, cli_runner, hf_checkpoints, hf_model, import_oracles, load_in_peft,
-    our_logits, ours, peft_randomize, printed, randomize, their_logits, tiny_model, token_ids,
+    assert_logits_close, assert_peft_loads_ours, assert_peft_saved_loads_here, cli_runner, hf_checkpoints, hf_model,
+    import_oracles, load_in_peft, our_logits, ours, peft_randomize, printed, randomize, their_logits, tiny_model,
+    token_ids,
 )
 
 torch, transformers, peft = import_oracles()
 
-from minipeft.peft import PeftModel, get_peft_model  # noqa: E402
+from minipeft.peft import get_peft_model  # noqa: E402
 from minipeft.peft.selective.bitfit import BeftConfig  # noqa: E402
 
 MODELS = {"gqa": {}, "mha_bias": {"num_key_value_heads": 4, "attention_bias": True, "mlp_bias": True}}
@@ -49,11 +50,8 @@ def test_an_adapter_saved_by_peft_loads_here(case, folders, tmp_path):
     kind, config = CASES[case]
     theirs = peft.get_peft_model(hf_model(folders[kind]), peft.BeftConfig(task_type="CAUSAL_LM", **config))
     peft_randomize(theirs)
-    expected = their_logits(theirs.eval(), token_ids())
-    theirs.save_pretrained(str(tmp_path))
-    loaded = PeftModel.from_pretrained(ours(folders[kind]), tmp_path)
+    loaded = assert_peft_saved_loads_here(theirs, folders[kind], tmp_path)
     assert loaded.peft_config["default"].bias == "none"  # PEFT's BEFT trains no existing bias
-    assert_logits_close(our_logits(loaded, token_ids()), expected)
 
 
 def test_trained_existing_biases_load_in_peft(folders, tmp_path):
@@ -74,11 +72,8 @@ def test_trained_existing_biases_load_in_peft(folders, tmp_path):
 def test_peft_random_init_loads_here(folders, tmp_path):
     """init_weights=False: PEFT's torch.randn biases, used as they are."""
     theirs = peft.get_peft_model(hf_model(folders["gqa"]), peft.BeftConfig(init_weights=False))
-    expected = their_logits(theirs.eval(), token_ids())
-    theirs.save_pretrained(str(tmp_path))
-    loaded = PeftModel.from_pretrained(ours(folders["gqa"]), tmp_path)
+    loaded = assert_peft_saved_loads_here(theirs, folders["gqa"], tmp_path)
     assert loaded.peft_config["default"].init_weights is False
-    assert_logits_close(our_logits(loaded, token_ids()), expected)
 
 
 def test_merge_and_unload_gives_the_model_peft_merges(folders, tmp_path):
