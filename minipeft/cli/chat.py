@@ -21,8 +21,8 @@ import sys
 from ..errors import InputError
 from ..io.tokenizer import Tokenizer
 from .common import add_model_option, say
-from .generate import (add_sampling_options, base_model_folder, chat_ids, chat_stop_ids, check_decoding,
-                       decoding_kwargs, load_model, run_generation)
+from .generate import (add_adapter_options, add_sampling_options, base_model_folder, chat_ids, chat_stop_ids,
+                       check_decoding, decoding_kwargs, load_model, run_generation)
 from .streaming import TextStream, one_line_warnings
 
 COMMANDS = "/reset clears the history, /exit or Ctrl-D ends"
@@ -31,9 +31,7 @@ COMMANDS = "/reset clears the history, /exit or Ctrl-D ends"
 def add_parser(sub) -> None:
     p = sub.add_parser("chat", help="chat with a model in a loop (stdin lines in, streamed replies out)")
     add_model_option(p)
-    p.add_argument("--adapter", metavar="DIR", default=None,
-                   help="a PEFT adapter folder to apply (without --model: on the base model it names)")
-    p.add_argument("--rank", type=int, default=None, metavar="b", help="run a DyLoRA adapter at rank b (<= its r)")
+    add_adapter_options(p)
     p.add_argument("--system", default=None, metavar="TEXT", help="a system message at the start of the chat")
     add_sampling_options(p, max_new_tokens=256)
     p.set_defaults(run=run)

@@ -35,9 +35,7 @@ FLAG_OF = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature",
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="continue a prompt; prints prompt + continuation on stdout")
     add_model_option(p)
-    p.add_argument("--adapter", metavar="DIR", default=None,
-                   help="a PEFT adapter folder to apply (without --model: on the base model it names)")
-    p.add_argument("--rank", type=int, default=None, metavar="b", help="run a DyLoRA adapter at rank b (<= its r)")
+    add_adapter_options(p)
     p.add_argument("--prompt", default="", help="text to continue (empty: start from BOS)")
     p.add_argument("--chat", action="store_true",
                    help="send --prompt as a user message through the chat template; print the reply")
@@ -51,6 +49,13 @@ def add_parser(sub) -> None:
     proxy.add_argument("--proxy-antiexpert", metavar="DIR", default=None, help="the untuned small model's folder")
     proxy.add_argument("--proxy-alpha", type=float, default=1.0, metavar="A", help="strength of the shift (1.0)")
     p.set_defaults(run=run)
+
+
+def add_adapter_options(p) -> None:
+    """--adapter and --rank, shared with ``minipeft chat``."""
+    p.add_argument("--adapter", metavar="DIR", default=None,
+                   help="a PEFT adapter folder to apply (without --model: on the base model it names)")
+    p.add_argument("--rank", type=int, default=None, metavar="b", help="run a DyLoRA adapter at rank b (<= its r)")
 
 
 def add_sampling_options(p, max_new_tokens: int = 256) -> None:
