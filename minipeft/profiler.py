@@ -79,7 +79,16 @@ def _attention_flops(fn, q, k, v, bias):
     return 2 * product, (4 * product if any(fn.needs_input_grad) else 0), label
 
 
-FLOP_COUNTERS = {"Linear": _linear_flops, "MatMul": _matmul_flops, "Attention": _attention_flops}
+def _linear_cross_entropy_flops(fn, h, weight, labels, ignore_index=None):
+    # the logits' product, and (in forward too) the products of dh and dW that are wanted
+    rows = h.size // h.shape[-1]
+    product = 2 * rows * h.shape[-1] * weight.shape[0]
+    label = f"LinearCrossEntropy {rows}x{h.shape[-1]} -> {weight.shape[0]}"
+    return product * (1 + sum(map(bool, fn.needs_input_grad[:2]))), 0, label
+
+
+FLOP_COUNTERS = {"Linear": _linear_flops, "MatMul": _matmul_flops, "Attention": _attention_flops,
+                 "LinearCrossEntropy": _linear_cross_entropy_flops}
 
 
 # ----- the instrumentation ---------------------------------------------------------------

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import minipeft as mp
 from minipeft.autograd.function import Function
+from minipeft.autograd.fused import linear_cross_entropy
 from minipeft.autograd.fused.layers import Linear
 from minipeft.cli import main
 from minipeft.profiler import matmul_flops, profile_step, profiling
@@ -36,12 +37,12 @@ def calls(report, name):
 def test_full_fine_tune_op_counts_equal_a_hand_count():
     report = profile_step(tiny_model(), batch(), steps=2, warmup=0, memory=False, gemm_peak=False)
     # every weight trains, so every op that ran forward runs backward once
-    assert calls(report, "Linear") == (7 * LAYERS + 1,) * 2  # seven projections per layer + the head
+    assert calls(report, "Linear") == (7 * LAYERS,) * 2  # seven projections per layer
     assert calls(report, "Attention") == (LAYERS, LAYERS)
     assert calls(report, "Rope") == (2 * LAYERS,) * 2  # queries and keys
     assert calls(report, "RMSNorm") == (2 * LAYERS + 1,) * 2  # two per layer + the final norm
     assert calls(report, "SiluMul") == (LAYERS, LAYERS)
-    assert calls(report, "CrossEntropy") == (1, 1)
+    assert calls(report, "LinearCrossEntropy") == (1, 1)  # the head and the loss, fused in training
     assert calls(report, "Embedding") == (1, 1)
 
 
@@ -49,7 +50,7 @@ def test_lora_op_counts_equal_a_hand_count():
     model = mp.peft.get_peft_model(tiny_model(), mp.peft.LoraConfig(r=2, target_modules=PROJECTIONS))
     report = profile_step(model, batch(), steps=1, warmup=1, memory=False, gemm_peak=False)
     forward, backward = calls(report, "Linear")
-    assert forward == 7 * LAYERS * 3 + 1  # base, lora_A and lora_B per projection, + the head
+    assert forward == 7 * LAYERS * 3  # base, lora_A and lora_B per projection (the head: LinearCrossEntropy)
     # layer 0's q, k, v base products read the (frozen) embeddings through a frozen norm:
     # nothing upstream needs their gradient, so they record no backward
     assert backward == forward - 3
@@ -60,7 +61,7 @@ def test_forward_only_runs_no_backward_and_no_optimizer():
     model = tiny_model()
     before = {name: p.data.copy() for name, p in model.named_parameters()}
     report = profile_step(model, batch(), steps=1, train=False, memory=False, gemm_peak=False)
-    assert calls(report, "Linear") == (7 * LAYERS + 1, 0)
+    assert calls(report, "Linear") == (7 * LAYERS + 1, 0)  # without gradients the head is a plain Linear
     assert report.ops["Linear"].backward_flops == 0 and report.optimizer_s == 0
     assert all(np.array_equal(p.data, before[name]) for name, p in model.named_parameters())
 
@@ -103,6 +104,21 @@ def test_linear_flops_and_bytes():
     assert ops["Reshape"].forward_bytes == 0  # a view of its input allocates nothing
     shape = ops.shapes["Linear 15x4 -> 6"]  # the same product, listed by its shape
     assert (shape.forward_calls, shape.backward_calls, shape.flops) == (1, 1, 2 * 2 * 15 * 6 * 4)
+
+
+@pytest.mark.parametrize("trained", [(True, False), (True, True), (False, False)])
+def test_linear_cross_entropy_flops_are_all_in_forward(trained):
+    """The fused head + loss does its gradient products in forward: one 2·N·D·V product for
+    the logits and one for each gradient wanted (dh, dW); backward only scales them."""
+    rows, width, vocab = 6, 4, 9
+    h = mp.Tensor(np.ones((rows, width), np.float32), requires_grad=trained[0])
+    w = mp.Tensor(np.ones((vocab, width), np.float32), requires_grad=trained[1])
+    with profiling() as ops:
+        loss = linear_cross_entropy(h, w, np.arange(rows))
+        if any(trained):
+            loss.backward()
+    assert ops["LinearCrossEntropy"].forward_flops == 2 * rows * width * vocab * (1 + sum(trained))
+    assert ops["LinearCrossEntropy"].backward_flops == 0
 
 
 def test_profiling_changes_no_loss_and_no_gradient_bitwise():

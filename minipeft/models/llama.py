@@ -12,12 +12,10 @@ over heads or tokens); grouped-query heads share key/value heads without copies.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from ..autograd.fused import IGNORE_INDEX, attention, cross_entropy, rope, silu_mul
-from ..autograd.tensor import Tensor
+from ..autograd.fused import IGNORE_INDEX, attention, cross_entropy, linear_cross_entropy, rope, silu_mul
+from ..autograd.tensor import Tensor, is_grad_enabled
 from ..backend import get_array_module, to_device, to_numpy
 from ..errors import InputError
 from ..nn import Embedding, Linear, Module, RMSNorm
@@ -26,11 +24,29 @@ from .kv_cache import KVCache
 from .rope import inverse_frequencies, rope_tables
 
 
-@dataclass
 class CausalLMOutput:
-    logits: Tensor  # (B, T, V)
-    loss: Tensor | None = None  # mean next-token cross-entropy when labels were given
-    cache: KVCache | None = None
+    """What the model returns: ``logits`` (B, T, V), ``loss`` (with labels), ``cache``.
+
+    In a training step (labels given, autograd recording) the loss comes from the fused
+    head + loss, which never forms the logits; ``logits`` are then computed from the
+    final hidden states when first read (one more product with the head's weights as they
+    are at that moment), so a step that reads only the loss never pays for them.
+    """
+
+    def __init__(self, logits: Tensor | None = None, loss: Tensor | None = None,
+                 cache: KVCache | None = None, *, compute_logits=None):
+        self._logits, self._compute_logits = logits, compute_logits
+        self.loss, self.cache = loss, cache
+
+    @property
+    def logits(self) -> Tensor | None:
+        if self._logits is None and self._compute_logits is not None:
+            self._logits, self._compute_logits = self._compute_logits(), None
+        return self._logits
+
+    @logits.setter
+    def logits(self, value: Tensor | None) -> None:
+        self._logits, self._compute_logits = value, None
 
 
 class LlamaAttention(Module):
@@ -130,6 +146,12 @@ class LlamaForCausalLM(Module):
         label t+1, and label −100 is ignored. ``attention_mask`` (B, S) marks real
         tokens (1) and padding (0) over the cached plus new positions.
         Positions default to past_length … past_length+T−1.
+
+        A training step needs only the loss, and the logits are its largest arrays
+        (B·T·V floats): with labels, while autograd records and the head is a plain
+        Linear (no adapter wraps it), the loss comes from
+        :func:`~minipeft.autograd.fused.linear_cross_entropy`, which never holds them,
+        and ``logits`` are computed only if read (see :class:`CausalLMOutput`).
         """
         if inputs_embeds is None:
             ids = _as_id_array(input_ids, "input_ids")
@@ -153,13 +175,16 @@ class LlamaForCausalLM(Module):
         if ids is not None:
             ids = to_device(ids, device)
         h = self.model(ids, cos, sin, mask, cache, inputs_embeds)
-        logits = self.lm_head(h)
         if cache is not None:
             cache.advance(length)
-        loss = None
-        if labels is not None:
-            loss = cross_entropy(logits, to_device(shift_labels(_as_id_array(labels, "labels")), device))
-        return CausalLMOutput(logits=logits, loss=loss, cache=cache)
+        if labels is None:
+            return CausalLMOutput(logits=self.lm_head(h), cache=cache)
+        targets = to_device(shift_labels(_as_id_array(labels, "labels")), device)
+        if is_grad_enabled() and type(self.lm_head) is Linear and self.lm_head.bias is None:
+            loss = linear_cross_entropy(h, self.lm_head.weight, targets)
+            return CausalLMOutput(loss=loss, cache=cache, compute_logits=lambda: self.lm_head(h))
+        logits = self.lm_head(h)
+        return CausalLMOutput(logits=logits, loss=cross_entropy(logits, targets), cache=cache)
 
     def input_embeddings(self, input_ids) -> Tensor:
         """E[ids], (B, T, hidden), for ids (B, T) checked as forward checks them (prompt tuning
