@@ -2,8 +2,16 @@
 
 A Function works on raw arrays (NumPy or CuPy). ``Function.apply`` wraps it for
 :class:`~minipeft.autograd.tensor.Tensor` inputs: it runs ``forward``, and when
-gradients are wanted it records the function and its inputs on the output so
-that ``Tensor.backward`` can call ``backward`` later.
+gradients are wanted it records the function on the output, and on the function
+where each input's gradient goes (``parents``), so that ``Tensor.backward`` can call
+``backward`` later.
+
+The graph's edges point to functions, not to tensors (as in PyTorch's autograd): an
+input made by another op is recorded as that op, a leaf (a parameter) as itself. So an
+intermediate array stays alive only while an op keeps it with ``save`` for its
+backward; everything else is freed as soon as the forward drops it. (Keeping the input
+tensors instead kept every intermediate array of the step alive until backward:
+1.49 GB instead of 0.69 GB after the forward of a LoRA step of SmolLM2-135M, 4 × 128 tokens.)
 
 ``backward`` receives the gradient of the loss with respect to the output and
 returns one gradient per tensor input (``None`` where none is needed). It may
@@ -36,7 +44,9 @@ def unbroadcast(grad, shape):
 class Function:
     """Base class of every op. Subclasses define ``forward`` and ``backward``."""
 
-    __slots__ = ("inputs", "needs_input_grad", "saved")
+    # parents[i]: where input i's gradient goes — the Function that made it, the leaf Tensor
+    # itself, or None (no gradient wanted); input_shapes[i]: its shape, for unbroadcast
+    __slots__ = ("input_shapes", "needs_input_grad", "parents", "saved")
 
     def forward(self, *arrays, **params):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -70,9 +80,17 @@ class Function:
             fn.needs_input_grad = (False,) * len(tensors)
         out = Tensor(fn.forward(*(t.data for t in tensors), **params), requires_grad=record)
         if record:
-            fn.inputs = tensors
+            fn.parents = tuple(_edge(t) for t in tensors)
+            fn.input_shapes = tuple(t.shape for t in tensors)
             out._fn = fn
         return out
+
+
+def _edge(tensor):
+    """Where backward sends this input's gradient: its Function, or the leaf tensor itself."""
+    if not tensor.requires_grad:
+        return None
+    return tensor if tensor._fn is None else tensor._fn
 
 
 def _constant(value, xp, dtype):

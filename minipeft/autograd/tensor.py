@@ -2,8 +2,9 @@
 
 A Tensor wraps a NumPy or CuPy array (``.data``). When it was produced by a
 :class:`~minipeft.autograd.function.Function` from inputs that need gradients,
-it keeps that function (``._fn``), which keeps its inputs: together they form
-the computation graph. ``loss.backward()`` walks that graph once in reverse
+it keeps that function (``._fn``), which points on to the functions that made its
+inputs (``parents``; a leaf input is pointed to itself): together they form the
+computation graph. ``loss.backward()`` walks that graph once in reverse
 topological order, calling each function's ``backward`` and accumulating
 gradients; only *leaf* tensors with ``requires_grad=True`` (the parameters)
 store them in ``.grad``.
@@ -98,19 +99,14 @@ class Tensor:
             if self.data.size != 1:
                 raise RuntimeError("backward() without a gradient needs a scalar output")
             grad = xp.ones_like(self.data)
-        grads = {id(self): grad.data if isinstance(grad, Tensor) else grad}
+        root = self if self._fn is None else self._fn
+        grads = {id(root): grad.data if isinstance(grad, Tensor) else grad}
         stored = set()  # ids of the arrays owning the memory of the leaves' grads
-        for node in _reverse_topological_order(self):
+        for node in _reverse_topological_order(root):
             g = grads.pop(id(node), None)
             if g is None:
                 continue
-            fn = node._fn
-            if fn is _FREED:
-                raise RuntimeError(
-                    "backward() through a graph a second time: its saved arrays were "
-                    "freed by the first backward; run the forward again"
-                )
-            if fn is None:  # a leaf: store the gradient
+            if isinstance(node, Tensor):  # a leaf: store the gradient
                 if node.grad is not None:
                     node.grad = node.grad + g
                 else:
@@ -123,19 +119,23 @@ class Tensor:
                     node.grad = g
                 stored.add(id(_owner(node.grad)))
                 continue
-            input_grads = fn.backward(g)
+            if node.parents is None:
+                raise RuntimeError(
+                    "backward() through a graph a second time: its saved arrays were "
+                    "freed by the first backward; run the forward again"
+                )
+            input_grads = node.backward(g)
             if not isinstance(input_grads, tuple):
                 input_grads = (input_grads,)
-            for inp, needed, ig in zip(fn.inputs, fn.needs_input_grad, input_grads):
-                if not needed or ig is None:
+            for parent, shape, ig in zip(node.parents, node.input_shapes, input_grads):
+                if parent is None or ig is None:
                     continue
-                ig = unbroadcast(ig, inp.shape)
-                key = id(inp)
+                ig = unbroadcast(ig, shape)
+                key = id(parent)
                 grads[key] = ig if key not in grads else grads[key] + ig
             # Free the graph behind us: saved activations are the bulk of memory.
-            fn.saved = ()
-            fn.inputs = ()
-            node._fn = _FREED  # not None: a freed node must not pass for a leaf
+            node.saved = ()
+            node.parents = None  # marks it freed: a second backward through it raises
 
     # ----- operators (the ops live in ops.py; imported lazily to avoid a cycle) ----
     def __add__(self, other):
@@ -216,21 +216,13 @@ def _is_broadcast(array) -> bool:
     return any(step == 0 and n > 1 for step, n in zip(array.strides, array.shape))
 
 
-class _Freed:
-    """Stands in for the function of a node whose graph a backward pass has freed."""
-
-    inputs = ()
-
-
-_FREED = _Freed()
-
-
 def _ops():
     return _ops_module
 
 
-def _reverse_topological_order(root: Tensor) -> list[Tensor]:
-    """Nodes reachable from ``root``, each after every node that uses it."""
+def _reverse_topological_order(root) -> list:
+    """Nodes reachable from ``root`` (functions and leaf tensors), each after every node
+    that uses it."""
     order, visited = [], set()
     stack = [(root, False)]
     while stack:
@@ -242,10 +234,9 @@ def _reverse_topological_order(root: Tensor) -> list[Tensor]:
             continue
         visited.add(id(node))
         stack.append((node, True))
-        if node._fn is not None:
-            for inp in node._fn.inputs:
-                if inp.requires_grad and id(inp) not in visited:
-                    stack.append((inp, False))
+        for parent in getattr(node, "parents", None) or ():
+            if parent is not None and id(parent) not in visited:
+                stack.append((parent, False))
     order.reverse()
     return order
 

@@ -5,6 +5,9 @@ independent .grad arrays and unbroadcast.
 """
 from __future__ import annotations
 
+import gc
+import weakref
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -512,6 +515,25 @@ def test_diamond_graph():
     """x feeds two branches that meet again: the gradient arrives by both paths."""
     x = uniform(0, (2, 2))
     check_gradients(lambda t: weighted_sum(ops.tanh(t) * ops.sigmoid(t) + t @ t), [x])
+
+
+def test_the_graph_keeps_only_the_arrays_ops_saved():
+    """An intermediate array no op saved for backward is freed when the forward drops it
+    (the graph points to functions, not to tensors); a saved one lives until backward."""
+    x = Tensor(uniform(0, (3, 4)), requires_grad=True)
+    shifted = x + 1  # Add saves nothing
+    squared = shifted * shifted  # Mul saves its operands
+    doubled = squared + squared
+    unsaved, saved = weakref.ref(doubled.data), weakref.ref(shifted.data)
+    loss = (doubled + 0.5).sum()
+    del shifted, squared, doubled
+    gc.collect()
+    assert unsaved() is None, "an array no op saved was kept alive by the graph"
+    assert saved() is not None
+    loss.backward()
+    np.testing.assert_allclose(x.grad, 4 * (x.data + 1))  # d/dx 2(x+1)²
+    gc.collect()
+    assert saved() is None  # backward dropped what it used
 
 
 def test_no_grad_records_nothing():
