@@ -1,6 +1,7 @@
 """Forward and generation speed of a model, minipeft next to PyTorch + transformers.
 
     python examples/benchmarks/bench_inference.py [--model DIR] [--threads 1] [--repeats 5]
+                                                  [--tasks forward generate] [--framework minipeft --json]
 
 Prints tokens/s for: a no-grad forward over a batch (B × T), a training forward
 + backward over the same batch (all parameters trainable), and greedy generation
@@ -9,11 +10,13 @@ of N new tokens with the KV cache (batch 1). Each number is the median of
 same measurements run on the same weights in the same process and the table
 gives minipeft's time relative to PyTorch's (> 1 means slower). Set the thread
 count before NumPy loads: ``--threads`` sets OMP/OPENBLAS/MKL variables, then
-imports.
+imports. ``--framework`` measures one side only and ``--json`` prints its medians (seconds)
+as one JSON line: run_all.py runs each framework in its own process that way.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -29,7 +32,13 @@ def parse_args():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch side")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    p.add_argument("--framework", choices=("minipeft", "torch"), default=None, help="measure one side only")
+    p.add_argument("--json", action="store_true", help="print the medians (seconds) as one JSON line")
     return p.parse_args()
+
+
+TASKS = ("forward", "forward+backward", "generate")
 
 
 def median_time(fn, repeats):
@@ -62,9 +71,8 @@ def bench_minipeft(folder, args, ids):
     def generate():
         model.generate(np.array([[1]]), max_new_tokens=args.new_tokens, **eos)
 
-    return {"forward": median_time(forward, args.repeats),
-            "forward+backward": median_time(train_step, args.repeats),
-            "generate": median_time(generate, args.repeats)}
+    runs = {"forward": forward, "forward+backward": train_step, "generate": generate}
+    return {task: median_time(runs[task], args.repeats) for task in args.tasks}
 
 
 def bench_torch(folder, args, ids):
@@ -88,9 +96,8 @@ def bench_torch(folder, args, ids):
             model.generate(torch.tensor([[1]]), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                            do_sample=False)
 
-    return {"forward": median_time(forward, args.repeats),
-            "forward+backward": median_time(train_step, args.repeats),
-            "generate": median_time(generate, args.repeats)}
+    runs = {"forward": forward, "forward+backward": train_step, "generate": generate}
+    return {task: median_time(runs[task], args.repeats) for task in args.tasks}
 
 
 def main():
@@ -105,6 +112,10 @@ def main():
     config = mp.LlamaConfig.from_json(os.path.join(folder, "config.json"))
     ids = np.random.default_rng(0).integers(0, config.vocab_size, size=(args.batch, args.seq))
     batch_tokens = args.batch * args.seq
+    if args.framework:
+        result = (bench_minipeft if args.framework == "minipeft" else bench_torch)(folder, args, ids)
+        print(json.dumps(result) if args.json else result)
+        return
     print(f"model {folder}, batch {args.batch} x seq {args.seq}, {args.new_tokens} generated tokens, "
           f"{args.threads} thread(s), median of {args.repeats}", file=sys.stderr)
     ours = bench_minipeft(folder, args, ids)

@@ -9,13 +9,16 @@ Rows (the workloads of the CPU-performance goals):
   stories260K and the stories15M shape at batch 8 × 256, 1 and 2 threads; SmolLM2-135M at
   batch 4 × 128, 1 thread (bench_lora_step.py: one process per framework and configuration,
   the median of ``--repeats`` steps after a warm-up); its peak RSS;
+- a forward without gradients: the bundled model at batch 8 × 256, SmolLM2-135M on a 22-token
+  prompt; greedy decoding of 64 tokens at batch 1 with the KV cache, SmolLM2-135M (goal: twice
+  PyTorch's tokens/s) (bench_inference.py: one process per framework, medians of ``--repeats``
+  after a warm-up; 1 thread);
 - loading SmolLM2-135M from a float32 safetensors folder, and load + 32 greedy tokens' peak RSS
   (bench_load.py: a fresh process per measurement, frameworks alternating, medians).
 
 The SmolLM2 rows need ``--smollm FOLDER`` (a float32 Hugging Face folder, e.g. written by
 ``mp.LlamaForCausalLM.from_pretrained("model.gguf").save_pretrained(FOLDER)`` plus its
 tokenizer files); without it they are skipped with a message: a benchmark never downloads.
-Not here yet: the forward-without-grad and greedy-decode rows (bench_inference.py measures them).
 
 Prints a Markdown table (ratio = minipeft ÷ PyTorch, < 1 is faster or smaller; "met" compares it
 with the goal), the date, the machine and the load average; ``--json`` also writes one JSON
@@ -29,6 +32,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 from types import SimpleNamespace
@@ -38,6 +42,8 @@ import bench_load  # noqa: E402
 import bench_lora_step  # noqa: E402
 
 STEP_GOAL, TRAIN_RSS_GOAL, LOAD_GOAL, GENERATE_RSS_GOAL = 0.8, 0.6, 1.5, 0.8
+FORWARD_GOAL, DECODE_GOAL = 1.0, 0.5
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def step_rows(name: str, folder: str, threads: int, batch: int, seq: int, repeats: int) -> list[dict]:
@@ -50,6 +56,30 @@ def step_rows(name: str, folder: str, threads: int, batch: int, seq: int, repeat
     return [row(f"LoRA step, {where}", "s", got["minipeft"]["step_s"], got["torch"]["step_s"], STEP_GOAL),
             row(f"peak RSS, LoRA training, {where}", "MB", got["minipeft"]["peak_rss_mb"],
                 got["torch"]["peak_rss_mb"], TRAIN_RSS_GOAL)]
+
+
+def inference_rows(name: str, folder: str, batch: int, seq: int, tasks: list[str], repeats: int) -> list[dict]:
+    """A no-grad forward over batch × seq tokens and / or 64 greedy tokens at batch 1, 1 thread,
+    each framework in its own process (bench_inference.py)."""
+    got = {}
+    for framework in ("minipeft", "torch"):
+        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        cmd = [sys.executable, os.path.join(HERE, "bench_inference.py"), "--model", folder, "--framework", framework,
+               "--json", "--tasks", *tasks, "--batch", str(batch), "--seq", str(seq), "--new-tokens", "64",
+               "--repeats", str(repeats), "--threads", "1"]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"  ({framework} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]})", file=sys.stderr)
+            return []
+        got[framework] = json.loads(done.stdout.strip().splitlines()[-1])
+    out = []
+    if "forward" in tasks:
+        out.append(row(f"forward without grad, {name}, {batch}×{seq}, 1 thread", "s", got["minipeft"]["forward"],
+                       got["torch"]["forward"], FORWARD_GOAL))
+    if "generate" in tasks:
+        out.append(row(f"greedy decode, 64 tokens, batch 1, {name}, 1 thread", "s", got["minipeft"]["generate"],
+                       got["torch"]["generate"], DECODE_GOAL))
+    return out
 
 
 def load_rows(folder: str, repeats: int) -> list[dict]:
@@ -87,8 +117,10 @@ def main(argv=None) -> None:
             for threads in (1, 2):
                 rows += step_rows(label, folders[name], threads, 8, 256, args.repeats)
                 print(f"  done: {label}, {threads} thread(s)", file=sys.stderr, flush=True)
+        rows += inference_rows("bundled stories260K", folders["bundled"], 8, 256, ["forward"], args.repeats)
     if args.smollm and os.path.isdir(args.smollm):
         rows += step_rows("SmolLM2-135M", args.smollm, 1, 4, 128, args.repeats)
+        rows += inference_rows("SmolLM2-135M", args.smollm, 1, 22, ["forward", "generate"], args.repeats)
         rows += load_rows(args.smollm, args.repeats)
     else:
         print(f"skipping the SmolLM2 rows: {'no --smollm folder' if not args.smollm else args.smollm + ' is not a folder'}"

@@ -306,6 +306,19 @@ def test_linear_with_a_constant_input_gives_only_weight_grads():
     np.testing.assert_allclose(wt.grad, wr.grad, **TIGHT)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 22, 32, 33, 70])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_linear_few_row_paths_equal_the_plain_product(rows, dtype):
+    """Few rows take NumPy's dot loop (≤ VECDOT_ROWS) or W as the left operand
+    (≤ WEIGHT_LEFT_ROWS): the same numbers as x Wᵀ, C-contiguous, of the same dtype."""
+    x = uniform(0, (rows, 24)).astype(dtype)
+    w, b = uniform(1, (40, 24)).astype(dtype), uniform(2, (40,)).astype(dtype)
+    y = linear(Tensor(x.reshape(1, rows, 24)), Tensor(w), Tensor(b)).data
+    assert y.shape == (1, rows, 40) and y.dtype == dtype and y.flags.c_contiguous
+    close = {"rtol": 1e-5, "atol": 1e-5} if dtype == np.float32 else TIGHT
+    np.testing.assert_allclose(y[0], x @ w.T + b, **close)
+
+
 # ----- embedding ---------------------------------------------------------------------
 @st.composite
 def embedding_case(draw):
