@@ -48,7 +48,8 @@ class LinearCrossEntropy(Function):
         dw = xp.zeros_like(weight) if want_dw else None
         lse = xp.empty(x.shape[0], dtype=x.dtype)
         picked = xp.empty(x.shape[0], dtype=x.dtype)
-        step = max(1, self.CHUNK_ELEMENTS // max(vocab, 1))
+        most = max(1, self.CHUNK_ELEMENTS // max(vocab, 1))
+        step = -(-x.shape[0] // -(-x.shape[0] // most)) if x.shape[0] else 1  # equal chunks, none over `most`
         buffer = xp.empty((min(step, x.shape[0]), vocab), dtype=x.dtype)  # reused by every chunk
         # Probabilities below the smallest normal float are flushed to zero: they change
         # nothing measurable, but BLAS runs far slower on subnormal inputs (see CrossEntropy).
