@@ -87,8 +87,20 @@ def _linear_cross_entropy_flops(fn, h, weight, labels, ignore_index=None):
     return product * (1 + sum(map(bool, fn.needs_input_grad[:2]))), 0, label
 
 
+def _low_rank_linear_flops(fn, x, weight, A, B, bias=None, scale=1.0):
+    rows, width, out, rank = x.size // x.shape[-1], x.shape[-1], weight.shape[0], A.shape[0]
+    base, down, up = 2 * rows * width * out, 2 * rows * width * rank, 2 * rows * rank * out  # x Wᵀ, x Aᵀ, u Bᵀ
+    need = fn.needs_input_grad
+    backward = ((base + up + down) * need[0] + base * need[1]  # dx = g W + (g B) A; dW
+                + (up + down) * need[2] + up * need[3]) if any(need) else 0  # dA needs g B; dB = gᵀ u
+    if need[2] and need[0]:
+        backward -= up  # g B is formed once for dx and dA
+    label = f"LowRankLinear {rows}x{width} -> {out} (r {rank})"
+    return base + down + up, backward, label
+
+
 FLOP_COUNTERS = {"Linear": _linear_flops, "MatMul": _matmul_flops, "Attention": _attention_flops,
-                 "LinearCrossEntropy": _linear_cross_entropy_flops}
+                 "LinearCrossEntropy": _linear_cross_entropy_flops, "LowRankLinear": _low_rank_linear_flops}
 
 
 # ----- the instrumentation ---------------------------------------------------------------

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import minipeft as mp
 from minipeft.autograd.function import Function
-from minipeft.autograd.fused import linear_cross_entropy
+from minipeft.autograd.fused import linear_cross_entropy, low_rank_linear
 from minipeft.autograd.fused.layers import Linear
 from minipeft.cli import main
 from minipeft.profiler import matmul_flops, profile_step, profiling
@@ -49,11 +49,9 @@ def test_full_fine_tune_op_counts_equal_a_hand_count():
 def test_lora_op_counts_equal_a_hand_count():
     model = mp.peft.get_peft_model(tiny_model(), mp.peft.LoraConfig(r=2, target_modules=PROJECTIONS))
     report = profile_step(model, batch(), steps=1, warmup=1, memory=False, gemm_peak=False)
-    forward, backward = calls(report, "Linear")
-    assert forward == 7 * LAYERS * 3  # base, lora_A and lora_B per projection (the head: LinearCrossEntropy)
-    # layer 0's q, k, v base products read the (frozen) embeddings through a frozen norm:
-    # nothing upstream needs their gradient, so they record no backward
-    assert backward == forward - 3
+    # each adapted projection is one fused op (base + branch); the head is LinearCrossEntropy
+    assert calls(report, "LowRankLinear") == (7 * LAYERS, 7 * LAYERS)  # every one has trainable A, B
+    assert "Linear" not in report.ops
     assert calls(report, "Embedding") == (1, 0)  # frozen: no backward
 
 
@@ -119,6 +117,19 @@ def test_linear_cross_entropy_flops_are_all_in_forward(trained):
             loss.backward()
     assert ops["LinearCrossEntropy"].forward_flops == 2 * rows * width * vocab * (1 + sum(trained))
     assert ops["LinearCrossEntropy"].backward_flops == 0
+
+
+def test_low_rank_linear_flops_are_a_hand_count():
+    """x (6, 4), W (5, 4) frozen, A (2, 4), B (5, 2): forward x Wᵀ, x Aᵀ, u Bᵀ; backward
+    g W, g B (once), (g B) A, dA = (g B)ᵀ x, dB = gᵀ u."""
+    x = mp.Tensor(np.ones((6, 4), np.float32), requires_grad=True)
+    w = mp.Tensor(np.ones((5, 4), np.float32))
+    a, b = (mp.Tensor(np.ones(shape, np.float32), requires_grad=True) for shape in ((2, 4), (5, 2)))
+    with profiling() as ops:
+        low_rank_linear(x, w, a, b, 0.5).sum().backward()
+    xw, xa, ub = 2 * 6 * 4 * 5, 2 * 6 * 4 * 2, 2 * 6 * 2 * 5
+    assert ops["LowRankLinear"].forward_flops == xw + xa + ub
+    assert ops["LowRankLinear"].backward_flops == xw + ub + xa + xa + ub
 
 
 def test_profiling_changes_no_loss_and_no_gradient_bitwise():

@@ -11,6 +11,7 @@ from .layers import (
     silu_mul_ref,
 )
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from .low_rank import low_rank_linear, low_rank_linear_ref
 from .softmax import (
     IGNORE_INDEX,
     cross_entropy,
@@ -24,7 +25,7 @@ from .softmax import (
 __all__ = [
     "IGNORE_INDEX", "attention", "attention_bias", "attention_ref", "cross_entropy",
     "cross_entropy_ref", "embedding", "embedding_ref", "linear", "linear_cross_entropy",
-    "linear_cross_entropy_ref", "linear_ref", "log_softmax",
+    "linear_cross_entropy_ref", "linear_ref", "log_softmax", "low_rank_linear", "low_rank_linear_ref",
     "log_softmax_ref", "rms_norm", "rms_norm_ref", "rope", "rope_ref", "silu_mul",
     "silu_mul_ref", "softmax", "softmax_ref",
 ]

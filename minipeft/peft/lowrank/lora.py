@@ -39,7 +39,7 @@ from typing import ClassVar
 import numpy as np
 
 from ...autograd import ops
-from ...autograd.fused import embedding, linear
+from ...autograd.fused import embedding, linear, low_rank_linear
 from ...backend import to_device, to_numpy
 from ...nn import Embedding, Linear, Parameter, ParameterGroup, init
 from ..core import targeting
@@ -203,6 +203,20 @@ class LoraLinear(LoraLayer):
         """s · (x Aᵀ) Bᵀ: two thin matmuls, ΔW never formed; s scales the thin (…, r) middle."""
         A, B, s = self.active_factors(name)
         return linear(linear(x, A) * s, B)
+
+    def _run(self, names, x):
+        """One plain adapter (no dropout, no DoRA) on a Linear: base and branch as the one fused
+        op :func:`~minipeft.autograd.fused.low_rank_linear` (same numbers as base(x) + lora_branch)."""
+        if len(names) == 1 and self._fusable(names[0]):
+            A, B, s = self.active_factors(names[0])
+            return low_rank_linear(x, self.base_layer.weight, A, B, s, self.base_layer.bias)
+        return super()._run(names, x)
+
+    def _fusable(self, name) -> bool:
+        cls = type(self)
+        return (name not in self.lora_magnitude_vector and not self.dropout_active(name)
+                and type(self.base_layer) is Linear and cls.lora_branch is LoraLinear.lora_branch
+                and cls.adapter_forward is LoraLayer.adapter_forward and cls.adapter_input is AdapterLayer.adapter_input)
 
 
 class LoraEmbedding(LoraLayer):

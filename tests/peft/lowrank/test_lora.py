@@ -375,3 +375,39 @@ def test_config_defaults_are_peft_defaults():
             config.init_lora_weights, config.rank_pattern, config.alpha_pattern) == \
         (8, 8, 0.0, "none", False, False, True, {}, {})
     assert get_peft_model(tiny_model(), config).peft_config["default"].target_modules == ("q_proj", "v_proj")
+
+
+# ----- the fused forward ----------------------------------------------------------------------
+@pytest.mark.parametrize("config", [dict(r=4), dict(r=4, use_rslora=True), dict(r=3, lora_dropout=0.2),
+                                    dict(r=2, use_dora=True)], ids=["plain", "rslora", "dropout", "dora"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_fused_layer_equals_base_plus_branch(config, bias, monkeypatch):
+    """A plain LoRA Linear runs as one fused op; its loss and every gradient equal the composite
+    base(x) + lora_branch(x). With dropout in training or DoRA the composite path runs."""
+    targets = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+    results, fused_calls = [], []
+    for fused in (True, False):
+        model = get_peft_model(tiny_model(dtype=np.float64, attention_bias=bias, mlp_bias=bias),
+                               LoraConfig(target_modules=targets, **config))
+        randomize(model)
+        if not fused:
+            monkeypatch.setattr(lora.LoraLinear, "_fusable", lambda self, name: False)
+        calls = []
+        original = mp.autograd.fused.low_rank.LowRankLinear.forward
+        monkeypatch.setattr(mp.autograd.fused.low_rank.LowRankLinear, "forward",
+                            lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+        model.rng = np.random.default_rng(7)  # the same dropout masks in both runs
+        for _, module in model.named_adapter_modules():
+            module.rng = model.rng
+        ids = token_ids()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        fused_calls.append(len(calls))
+        monkeypatch.undo()
+    plain = "dropout" not in str(config) and "dora" not in str(config)
+    assert fused_calls == ([len(targets) * 2, 0] if plain else [0, 0])  # 2 layers in the tiny model
+    np.testing.assert_allclose(results[0][0], results[1][0], rtol=1e-12)
+    assert results[0][1].keys() == results[1][1].keys()
+    for name, grad in results[0][1].items():
+        np.testing.assert_allclose(grad, results[1][1][name], rtol=1e-9, atol=1e-12, err_msg=name)
