@@ -68,7 +68,7 @@ def _matmul_flops(fn, a, b):
     return product, product * sum(map(bool, fn.needs_input_grad[:2])), label
 
 
-def _attention_flops(fn, q, k, v, bias):
+def _attention_flops(fn, q, k, v, bias, causal_only=False):
     # causal: query t of T (the last T of S positions) reads S − T + t + 1 keys
     batch, heads, tq, dh = q.shape
     tk = k.shape[2]

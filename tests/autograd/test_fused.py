@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from minipeft.autograd import Tensor
+from minipeft.autograd import Tensor, no_grad
 from minipeft.autograd.fused import (
     IGNORE_INDEX,
     attention,
@@ -511,6 +511,9 @@ def test_attention(case, backend):
     np.testing.assert_allclose(out_f, expected, **TIGHT)
     for name, gf, gr in zip("qkv", grads_f, grads_r):
         np.testing.assert_allclose(gf, gr, rtol=1e-10, atol=1e-12, err_msg=f"d{name}")
+    with no_grad():  # without gradients the output, not the probabilities, is normalized
+        plain = attention(*(Tensor(backend(a)) for a in (q, k, v)), dmask).data
+    np.testing.assert_allclose(to_numpy(plain), expected, **TIGHT)
 
     # A fully masked row outputs a constant 0: its gradient is 0 and so are its
     # central differences; every other row is checked as usual.
@@ -533,6 +536,12 @@ def test_attention_query_blocks_agree_with_one_block(block, monkeypatch, backend
     out, grads = value_and_grads(fused, [q, k, v], backend)
     np.testing.assert_allclose(out, expected, **TIGHT)
     for name, got, want in zip("qkv", grads, expected_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=f"d{name}")
+    # the causal mask alone (no padding) masks only each block's last keys
+    unpadded, unpadded_grads = value_and_grads(lambda a, b, c: attention_ref(a, b, c), [q, k, v], backend)
+    out, grads = value_and_grads(lambda a, b, c: attention(a, b, c), [q, k, v], backend)
+    np.testing.assert_allclose(out, unpadded, **TIGHT)
+    for name, got, want in zip("qkv", grads, unpadded_grads):
         np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12, err_msg=f"d{name}")
 
 
