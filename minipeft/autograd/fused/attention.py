@@ -16,23 +16,26 @@ from ..tensor import Tensor
 from .softmax import softmax_ref
 
 
-def rotate_half(x):
-    """(x1, x2) -> (−x2, x1) on the last axis: HF's RoPE convention."""
-    xp = get_array_module(x)
-    half = x.shape[-1] // 2
-    return xp.concatenate((-x[..., half:], x[..., :half]), axis=-1)
-
-
 class Rope(Function):
-    # y = x⊙cos + rotate_half(x)⊙sin;  rotate_half is a rotation R with Rᵀ = −R,
-    # so dx = g⊙cos − rotate_half(g⊙sin)
+    # y = x⊙cos + rotate_half(x)⊙sin, rotate_half(x₁, x₂) = (−x₂, x₁) (HF's convention), a rotation R with Rᵀ = −R,
+    # so dx = g⊙cos − rotate_half(g⊙sin). With halves x = (x₁, x₂):
+    #   y = (x₁ cos₁ − x₂ sin₁,  x₂ cos₂ + x₁ sin₂),  dx = (g₁ cos₁ + g₂ sin₂,  g₂ cos₂ − g₁ sin₁)
+    # written into one output, without the concatenated rotate_half(x) temporary.
     def forward(self, x, cos, sin):
         self.save(cos, sin)
-        return x * cos + rotate_half(x) * sin
+        half = x.shape[-1] // 2
+        out = x * cos
+        out[..., :half] -= x[..., half:] * sin[..., :half]
+        out[..., half:] += x[..., :half] * sin[..., half:]
+        return out
 
     def backward(self, g):
         cos, sin = self.saved
-        return g * cos - rotate_half(g * sin)
+        half = g.shape[-1] // 2
+        dx = g * cos
+        dx[..., :half] += g[..., half:] * sin[..., half:]
+        dx[..., half:] -= g[..., :half] * sin[..., :half]
+        return dx
 
 
 def attention_bias(query_len, key_len, key_padding_mask, dtype, xp):
