@@ -1,7 +1,7 @@
 """The speed table in one command: minipeft next to PyTorch (+ PEFT / transformers), row by row,
 each with its goal.
 
-    python examples/benchmarks/run_all.py [--smollm FOLDER] [--repeats 5] [--json rows.jsonl]
+    python examples/benchmarks/run_all.py [--smollm FOLDER] [--repeats 5] [--rounds 3] [--json rows.jsonl]
 
 Rows (the workloads of the CPU-performance goals):
 
@@ -22,7 +22,9 @@ tokenizer files); without it they are skipped with a message: a benchmark never 
 
 Prints a Markdown table (ratio = minipeft ÷ PyTorch, < 1 is faster or smaller; "met" compares it
 with the goal), the date, the machine and the load average; ``--json`` also writes one JSON
-line per row. Run it on a quiet machine (``uptime`` first).
+line per row. Run it on a quiet machine (``uptime`` first). On a virtual machine whose speed
+drifts (on the 2-core one here a row's ratio moved by up to ±25% between runs), ``--rounds 3``
+runs each row's two processes three times, alternating, and reports the median over rounds.
 """
 from __future__ import annotations
 
@@ -46,11 +48,25 @@ FORWARD_GOAL, DECODE_GOAL = 1.0, 0.5
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def step_rows(name: str, folder: str, threads: int, batch: int, seq: int, repeats: int) -> list[dict]:
+def alternating(measure, rounds: int) -> dict | None:
+    """``measure(framework)`` (a dict of numbers from a fresh process, or None if it failed) for
+    PyTorch and minipeft in turn, ``rounds`` times; per framework the median of each number
+    over the rounds: a change of machine speed during the run then hits both alike."""
+    runs = {"torch": [], "minipeft": []}
+    for _ in range(rounds):
+        for framework, results in runs.items():
+            got = measure(framework)
+            if got is None:
+                return None
+            results.append(got)
+    return {fw: {key: statistics.median(r[key] for r in results) for key in results[0]} for fw, results in runs.items()}
+
+
+def step_rows(name: str, folder: str, threads: int, batch: int, seq: int, repeats: int, rounds: int) -> list[dict]:
     """A LoRA step's time and the process's peak RSS, PyTorch + PEFT and minipeft."""
     args = SimpleNamespace(batch=batch, seq=seq, repeats=repeats)
-    got = {fw: bench_lora_step.run_child(fw, "lora", folder, threads, args) for fw in ("torch", "minipeft")}
-    if None in got.values():
+    got = alternating(lambda fw: bench_lora_step.run_child(fw, "lora", folder, threads, args), rounds)
+    if got is None:
         return []
     where = f"{name}, {batch}×{seq}, {threads} thread{'s' if threads > 1 else ''}"
     return [row(f"LoRA step, {where}", "s", got["minipeft"]["step_s"], got["torch"]["step_s"], STEP_GOAL),
@@ -58,11 +74,11 @@ def step_rows(name: str, folder: str, threads: int, batch: int, seq: int, repeat
                 got["torch"]["peak_rss_mb"], TRAIN_RSS_GOAL)]
 
 
-def inference_rows(name: str, folder: str, batch: int, seq: int, tasks: list[str], repeats: int) -> list[dict]:
+def inference_rows(name: str, folder: str, batch: int, seq: int, tasks: list[str], repeats: int,
+                   rounds: int) -> list[dict]:
     """A no-grad forward over batch × seq tokens and / or 64 greedy tokens at batch 1, 1 thread,
     each framework in its own process (bench_inference.py)."""
-    got = {}
-    for framework in ("minipeft", "torch"):
+    def measure(framework):
         env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
         cmd = [sys.executable, os.path.join(HERE, "bench_inference.py"), "--model", folder, "--framework", framework,
                "--json", "--tasks", *tasks, "--batch", str(batch), "--seq", str(seq), "--new-tokens", "64",
@@ -70,8 +86,12 @@ def inference_rows(name: str, folder: str, batch: int, seq: int, tasks: list[str
         done = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"  ({framework} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]})", file=sys.stderr)
-            return []
-        got[framework] = json.loads(done.stdout.strip().splitlines()[-1])
+            return None
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    got = alternating(measure, rounds)
+    if got is None:
+        return []
     out = []
     if "forward" in tasks:
         out.append(row(f"forward without grad, {name}, {batch}×{seq}, 1 thread", "s", got["minipeft"]["forward"],
@@ -108,6 +128,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smollm", metavar="FOLDER", default=None, help="SmolLM2-135M float32 folder (else skipped)")
     p.add_argument("--repeats", type=int, default=5, help="steps (or fresh processes) per median (default 5)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="alternate the frameworks' processes this many times per row, median over rounds (default 1)")
     p.add_argument("--json", metavar="FILE", default=None, help="also write one JSON line per row")
     args = p.parse_args(argv)
     rows = []
@@ -115,18 +137,20 @@ def main(argv=None) -> None:
         folders = bench_lora_step.make_model_folders(root)
         for name, label in (("stories15m", "stories15M shape"), ("bundled", "bundled stories260K")):
             for threads in (1, 2):
-                rows += step_rows(label, folders[name], threads, 8, 256, args.repeats)
+                rows += step_rows(label, folders[name], threads, 8, 256, args.repeats, args.rounds)
                 print(f"  done: {label}, {threads} thread(s)", file=sys.stderr, flush=True)
-        rows += inference_rows("bundled stories260K", folders["bundled"], 8, 256, ["forward"], args.repeats)
+        rows += inference_rows("bundled stories260K", folders["bundled"], 8, 256, ["forward"], args.repeats,
+                               args.rounds)
     if args.smollm and os.path.isdir(args.smollm):
-        rows += step_rows("SmolLM2-135M", args.smollm, 1, 4, 128, args.repeats)
-        rows += inference_rows("SmolLM2-135M", args.smollm, 1, 22, ["forward", "generate"], args.repeats)
+        rows += step_rows("SmolLM2-135M", args.smollm, 1, 4, 128, args.repeats, args.rounds)
+        rows += inference_rows("SmolLM2-135M", args.smollm, 1, 22, ["forward", "generate"], args.repeats, args.rounds)
         rows += load_rows(args.smollm, args.repeats)
     else:
         print(f"skipping the SmolLM2 rows: {'no --smollm folder' if not args.smollm else args.smollm + ' is not a folder'}"
               " (benchmarks never download)", file=sys.stderr)
     print(f"{datetime.date.today()}, {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.2f}; medians of {args.repeats}\n")
+          f"load average {os.getloadavg()[0]:.2f}; medians of {args.repeats}"
+          f"{f', median over {args.rounds} alternating rounds of processes' if args.rounds > 1 else ''}\n")
     print("| row | minipeft | PyTorch | ratio | goal | met |")
     print("|---|---|---|---|---|---|")
     for r in rows:
