@@ -24,10 +24,10 @@ composite twin the tests compare with.
 """
 from __future__ import annotations
 
-from ...backend import check_index_range, get_array_module
+from ...backend import get_array_module
 from ..function import Function
 from .layers import linear_ref
-from .softmax import IGNORE_INDEX, cross_entropy_ref
+from .softmax import IGNORE_INDEX, checked_labels, cross_entropy_ref
 
 
 class LinearCrossEntropy(Function):
@@ -37,12 +37,8 @@ class LinearCrossEntropy(Function):
         xp = get_array_module(h)
         vocab, width = weight.shape
         x = h.reshape(-1, width)
-        y = labels.reshape(-1)
-        if y.shape[0] != x.shape[0]:
-            raise ValueError(f"linear_cross_entropy: {x.shape[0]} rows of hidden states but {y.shape[0]} labels")
-        kept = y != ignore_index
-        check_index_range(y[kept], vocab, "cross_entropy labels")
-        safe_y = xp.where(kept, y, 0)
+        kept, safe_y = checked_labels(labels, x.shape[0], vocab, ignore_index, "linear_cross_entropy",
+                                      "rows of hidden states")
         want_dh, want_dw = self.needs_input_grad[0], self.needs_input_grad[1]
         dh = xp.empty_like(x) if want_dh else None
         dw = xp.zeros_like(weight) if want_dw else None

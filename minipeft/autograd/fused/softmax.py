@@ -62,12 +62,7 @@ class CrossEntropy(Function):
         xp = get_array_module(logits)
         vocab = logits.shape[-1]
         x = logits.reshape(-1, vocab)
-        y = labels.reshape(-1)
-        if y.shape[0] != x.shape[0]:
-            raise ValueError(f"cross_entropy: {x.shape[0]} rows of logits but {y.shape[0]} labels")
-        kept = y != ignore_index
-        check_index_range(y[kept], vocab, "cross_entropy labels")
-        safe_y = xp.where(kept, y, 0)
+        kept, safe_y = checked_labels(labels, x.shape[0], vocab, ignore_index, "cross_entropy", "rows of logits")
         lse = xp.empty(x.shape[0], dtype=x.dtype)
         for rows in self._chunks(x.shape[0], vocab):
             block = x[rows]
@@ -107,6 +102,18 @@ class CrossEntropy(Function):
     def _chunks(self, rows: int, vocab: int):
         step = max(1, self.CHUNK_ELEMENTS // max(vocab, 1))
         return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def checked_labels(labels, rows: int, vocab: int, ignore_index: int, op: str, what: str):
+    """(kept, safe): a mask of the labels that count, and the labels with ignored ones set to
+    0 (a valid index); raises on a row-count mismatch or a label outside [0, vocab)."""
+    xp = get_array_module(labels)
+    y = labels.reshape(-1)
+    if y.shape[0] != rows:
+        raise ValueError(f"{op}: {rows} {what} but {y.shape[0]} labels")
+    kept = y != ignore_index
+    check_index_range(y[kept], vocab, "cross_entropy labels")
+    return kept, xp.where(kept, y, 0)
 
 
 def softmax(x, axis=-1):
