@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -36,20 +37,15 @@ M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 SETTINGS = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 1 << 30, M_TOP_PAD: 64 << 20}
 GLIBC_ENV_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
 
-_applied: bool | None = None  # the result of the first call in this process
-
-
 def user_chose() -> bool:
     """True when the environment says how malloc should behave (then minipeft leaves it)."""
     return os.environ.get("MINIPEFT_MALLOC") == "default" or any(name in os.environ for name in GLIBC_ENV_VARS)
 
 
+@functools.lru_cache(maxsize=1)
 def keep_freed_memory() -> bool:
     """Apply :data:`SETTINGS` with glibc's ``mallopt`` (once per process); True when they are in force."""
-    global _applied
-    if _applied is None:
-        _applied = _apply()
-    return _applied
+    return _apply()
 
 
 def _apply() -> bool:

@@ -192,16 +192,13 @@ def _function_classes():
 
 def _wrap(recorder, method, backward: bool):
     if backward:
-        def timed_backward(self, grad):
+        def timed(self, grad):
             return recorder.run(self, method, (grad,), {}, True)
-        return timed_backward
-
-    def timed_forward(self, *arrays, **params):
-        return recorder.run(self, method, arrays, params, False)
-    return timed_forward
-
-
-_active: list[_Recorder] = []
+    else:
+        def timed(self, *arrays, **params):
+            return recorder.run(self, method, arrays, params, False)
+    timed.profiled = True  # how a second profiling() sees that one is running
+    return timed
 
 
 @contextlib.contextmanager
@@ -210,21 +207,20 @@ def profiling():
     name: OpStats}`` dict it fills (its ``shapes`` attribute: the GEMM ops per shape). Not
     re-entrant (one profile at a time). The op classes are wrapped when the block starts, so
     a Function subclass first defined inside the block is not timed."""
-    if _active:
+    classes = _function_classes()
+    if any(getattr(cls.__dict__.get("forward"), "profiled", False) for cls in classes):
         raise RuntimeError("profiling() is already running; it cannot be nested")
     recorder = _Recorder()
     patched = []  # (class, method name, its own method): restored on the way out
-    for cls in _function_classes():
+    for cls in classes:
         for name in ("forward", "backward"):
             method = cls.__dict__.get(name)
             if method is not None:
                 patched.append((cls, name, method))
                 setattr(cls, name, _wrap(recorder, method, name == "backward"))
-    _active.append(recorder)
     try:
         yield recorder.stats
     finally:
-        _active.pop()
         for cls, name, method in reversed(patched):
             setattr(cls, name, method)
 

@@ -234,7 +234,7 @@ def _reverse_topological_order(root) -> list:
             continue
         visited.add(id(node))
         stack.append((node, True))
-        for parent in getattr(node, "parents", None) or ():
+        for parent in () if isinstance(node, Tensor) else node.parents or ():  # leaves / freed: none
             if parent is not None and id(parent) not in visited:
                 stack.append((parent, False))
     order.reverse()

@@ -49,15 +49,20 @@ def add_model_option(parser) -> None:
                              "OMP_NUM_THREADS / OPENBLAS_NUM_THREADS / MKL_NUM_THREADS say when set)")
 
 
-def thread_count(text: str) -> int:
-    """``--threads``: an integer >= 1 (argparse reports anything else as a usage error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
+def integer_at_least(lowest: int):
+    """An argparse ``type``: an integer >= ``lowest`` (anything else is a usage error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = lowest - 1
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lowest}, got {text!r}")
+        return value
+    return parse
+
+
+thread_count = integer_at_least(1)  # --threads
 
 
 def model_folder(args) -> str:

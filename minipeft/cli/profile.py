@@ -7,18 +7,15 @@ against the machine's measured GEMM peak, the optimizer's share and the peak mem
 """
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 
 from ..errors import ConfigError
 from ..models import LlamaForCausalLM
-from .common import add_model_option, model_folder, say
+from .common import add_model_option, integer_at_least, model_folder, say
 
-ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # method -> (config class in minipeft.peft, its arguments): the benchmarks' settings
 METHODS = {
-    "lora": ("LoraConfig", dict(r=8, lora_alpha=16, target_modules=ALL_PROJECTIONS)),
+    "lora": ("LoraConfig", dict(r=8, lora_alpha=16, target_modules="all-linear")),  # the 7 projections
     "ia3": ("IA3Config", dict(task_type="CAUSAL_LM")),
     "prompt": ("PromptTuningConfig", dict(num_virtual_tokens=20, task_type="CAUSAL_LM")),
     "prefix": ("PrefixTuningConfig", dict(num_virtual_tokens=20, task_type="CAUSAL_LM")),
@@ -26,19 +23,7 @@ METHODS = {
 }
 
 
-def _integer_at_least(lowest: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = lowest - 1
-        if value < lowest:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lowest}, got {text!r}")
-        return value
-    return parse
-
-
-positive, non_negative = _integer_at_least(1), _integer_at_least(0)
+positive, non_negative = integer_at_least(1), integer_at_least(0)
 
 
 def add_parser(sub) -> None:

@@ -44,10 +44,6 @@ class CausalLMOutput:
             self._logits, self._compute_logits = self._compute_logits(), None
         return self._logits
 
-    @logits.setter
-    def logits(self, value: Tensor | None) -> None:
-        self._logits, self._compute_logits = value, None
-
 
 class LlamaAttention(Module):
     def __init__(self, config: LlamaConfig, layer_index: int, rng=None):

@@ -105,9 +105,10 @@ class Attention(Function):
             total = scores.sum(axis=-1, keepdims=True)
             if keep:
                 scores /= total
-            dead = None if causal_only else row_max <= xp.finfo(scores.dtype).min / 2  # rows reading no key
-            if dead is not None and dead.any():
-                scores *= ~dead
+            if not causal_only:  # padding: a row may read no key at all (its output is 0)
+                dead = row_max <= xp.finfo(scores.dtype).min / 2
+                if dead.any():
+                    scores *= ~dead
             probs = scores.reshape(batch, kv_heads, rows, keys)
             block = (probs @ v[:, :, :keys]).reshape(batch, kv_heads, group, t1 - t0, dh)
             if not keep:  # normalize the (…, Dh) output rather than the (…, keys) probabilities

@@ -27,7 +27,7 @@ from __future__ import annotations
 from ...backend import get_array_module
 from ..function import Function
 from .layers import linear_ref
-from .softmax import IGNORE_INDEX, checked_labels, cross_entropy_ref
+from .softmax import IGNORE_INDEX, checked_labels, cross_entropy_ref, mean_over_kept, row_chunks
 
 
 class LinearCrossEntropy(Function):
@@ -44,15 +44,13 @@ class LinearCrossEntropy(Function):
         dw = xp.zeros_like(weight) if want_dw else None
         lse = xp.empty(x.shape[0], dtype=x.dtype)
         picked = xp.empty(x.shape[0], dtype=x.dtype)
-        most = max(1, self.CHUNK_ELEMENTS // max(vocab, 1))
-        step = -(-x.shape[0] // -(-x.shape[0] // most)) if x.shape[0] else 1  # equal chunks, none over `most`
-        buffer = xp.empty((min(step, x.shape[0]), vocab), dtype=x.dtype)  # reused by every chunk
+        chunks = row_chunks(x.shape[0], vocab, self.CHUNK_ELEMENTS)
+        buffer = xp.empty((chunks[0].stop if chunks else 0, vocab), dtype=x.dtype)  # reused by every chunk
         # Probabilities below the smallest normal float are flushed to zero: they change
         # nothing measurable, but BLAS runs far slower on subnormal inputs (see CrossEntropy).
         tiny = xp.finfo(x.dtype).tiny
-        for start in range(0, x.shape[0], step):
-            rows = slice(start, min(start + step, x.shape[0]))
-            z = buffer[: rows.stop - start]
+        for rows in chunks:
+            z = buffer[: rows.stop - rows.start]
             xp.matmul(x[rows], weight.T, out=z)  # this chunk's logits
             at_label = (xp.arange(z.shape[0]), safe_y[rows])
             picked[rows] = z[at_label]
@@ -72,10 +70,9 @@ class LinearCrossEntropy(Function):
                 xp.matmul(z, weight, out=dh[rows])
             if want_dw:
                 dw += z.T @ x[rows]
-        count = int(kept.sum())
-        loss = ((lse - picked) * kept).sum() / count if count else xp.asarray(float("nan"), dtype=x.dtype)
+        loss, count = mean_over_kept(lse - picked, kept)
         self.save(dh, dw, count, h.shape)
-        return xp.asarray(loss, dtype=x.dtype)
+        return loss
 
     def backward(self, g):
         dh, dw, count, shape = self.saved

@@ -7,6 +7,8 @@ primitives, are the executable definition; tests check the two agree.
 """
 from __future__ import annotations
 
+import math
+
 from ...backend import check_index_range, get_array_module
 from .. import ops
 from ..function import Function
@@ -64,16 +66,13 @@ class CrossEntropy(Function):
         x = logits.reshape(-1, vocab)
         kept, safe_y = checked_labels(labels, x.shape[0], vocab, ignore_index, "cross_entropy", "rows of logits")
         lse = xp.empty(x.shape[0], dtype=x.dtype)
-        for rows in self._chunks(x.shape[0], vocab):
+        for rows in row_chunks(x.shape[0], vocab, self.CHUNK_ELEMENTS):
             block = x[rows]
             peak = block.max(axis=1)
             lse[rows] = peak + xp.log(xp.exp(block - peak[:, None]).sum(axis=1))
-        picked = x[xp.arange(x.shape[0]), safe_y]
-        count = int(kept.sum())
-        total = ((lse - picked) * kept).sum()
-        loss = total / count if count else xp.asarray(float("nan"), dtype=x.dtype)
+        loss, count = mean_over_kept(lse - x[xp.arange(x.shape[0]), safe_y], kept)
         self.save(logits, safe_y, kept, lse, count)
-        return xp.asarray(loss, dtype=x.dtype)
+        return loss
 
     def backward(self, g):
         logits, safe_y, kept, lse, count = self.saved
@@ -90,7 +89,7 @@ class CrossEntropy(Function):
         # flushed to zero: they change nothing measurable, but BLAS runs ~25x slower on
         # subnormal inputs in the next matmul (trained models produce plenty of them).
         flush_below = xp.finfo(x.dtype).tiny / abs(scale) if scale else float("inf")
-        for rows in self._chunks(x.shape[0], vocab):
+        for rows in row_chunks(x.shape[0], vocab, self.CHUNK_ELEMENTS):
             block = grad[rows]
             xp.subtract(x[rows], lse[rows, None], out=block)
             xp.exp(block, out=block)  # softmax
@@ -99,9 +98,23 @@ class CrossEntropy(Function):
             block *= row_scale[rows, None]
         return grad.reshape(logits.shape), None
 
-    def _chunks(self, rows: int, vocab: int):
-        step = max(1, self.CHUNK_ELEMENTS // max(vocab, 1))
-        return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def row_chunks(rows: int, vocab: int, chunk_elements: int) -> list[slice]:
+    """Slices of ``rows`` in chunks of equal size, each at most ``chunk_elements`` logits."""
+    most = max(1, chunk_elements // max(vocab, 1))
+    count = max(1, math.ceil(rows / most))
+    step = max(1, math.ceil(rows / count))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def mean_over_kept(per_row, kept):
+    """(mean of ``per_row`` over the kept rows, how many were kept); NaN when none was (0/0,
+    as in PyTorch)."""
+    xp = get_array_module(per_row)
+    count = int(kept.sum())
+    loss = (per_row * kept).sum() / count if count else xp.asarray(float("nan"), dtype=per_row.dtype)
+    return xp.asarray(loss, dtype=per_row.dtype), count
 
 
 def checked_labels(labels, rows: int, vocab: int, ignore_index: int, op: str, what: str):
