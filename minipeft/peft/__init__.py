@@ -8,7 +8,8 @@
     again = mp.peft.PeftModel.from_pretrained(mp.LlamaForCausalLM.from_pretrained(path), "adapter/")
     merged = again.merge_and_unload()              # a plain LlamaForCausalLM again
 
-The folders follow the survey's taxonomy (DESIGN.md):
+The folders follow the taxonomy of PEFT surveys (methods that add parameters, methods that
+select them, low-rank reparametrizations; Lialin et al., 2023, arXiv:2303.15647):
 * core/      the shared machinery: configs (config.py), the method table (registry.py, rows
              of method.py's PeftMethod: every attachment point), the adapter-holder contract
              (base.py), PEFT's targeting rules (targeting.py), PeftModel (peft_model.py,

@@ -1,4 +1,4 @@
-"""The contract every PEFT method keeps, one table over the registry (DESIGN.md "Tests are the spec").
+"""The contract every PEFT method keeps, one table over the registry: the tests are the spec.
 
 Each row of CASES is a method (or a variant of one) with its expected trainable-parameter
 count: ``count(base_model)``, the formula in the method's docstring (for the low-rank rows,

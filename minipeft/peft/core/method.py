@@ -7,7 +7,7 @@ core/registry.py lists the rows. Everything else is optional and typed here, wit
 owner each: the method supplies the math, the core (PeftModel, saving, the trainer) does
 the plumbing.
 
-Where a method attaches (DESIGN.md, "Where a method attaches"):
+Where a method attaches:
 
 * **a wrapped layer** -- ``apply`` replaces targeted modules by an
   :class:`~minipeft.peft.core.base.AdapterLayer` (LoRA family, IA3). Output side:
