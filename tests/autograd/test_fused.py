@@ -40,7 +40,7 @@ from minipeft.autograd.fused import (
     softmax,
     softmax_ref,
 )
-from minipeft.autograd.fused.attention import Attention
+from minipeft.autograd.fused.attention import Attention, Rope
 from minipeft.autograd.fused.softmax import CrossEntropy
 from minipeft.backend import to_numpy
 from minipeft.errors import InputError
@@ -431,6 +431,29 @@ def test_rope(case, backend):
     expected = x * cos + rotate_half_np(x) * sin
     assert_fused_matches(lambda t: rope(t, dcos, dsin), lambda t: rope_ref(t, dcos, dsin),
                          [x], expected, backend, seed)
+
+
+@pytest.mark.parametrize("product_max_dh", [0, 64], ids=["halves", "product"])
+def test_rope_both_ways_on_the_models_layout(product_max_dh, monkeypatch, backend):
+    """x as the model passes it, a (B, H, T, Dh) view of a (B, T, H, Dh) array: rotating by
+    halves and by the product x R give the formula's values and gradients, bit for bit the
+    same, and a C-contiguous output."""
+    x = uniform(3, (2, 5, 3, 8)).transpose(0, 2, 1, 3)  # (B, H, T, Dh) view
+    cos, sin = rope_tables(np.arange(5)[None, None, :] + np.arange(2)[:, None, None], 8)
+    dcos, dsin = backend(cos), backend(sin)
+    expected = x * cos + rotate_half_np(x) * sin
+    monkeypatch.setattr(Rope, "PRODUCT_MAX_DH", product_max_dh)
+    assert_fused_matches(lambda t: rope(t, dcos, dsin), lambda t: rope_ref(t, dcos, dsin), [x], expected, backend, 0)
+    leaf = Tensor(backend(x), requires_grad=True)
+    out = rope(leaf, dcos, dsin)
+    out.backward(backend(uniform(4, out.shape)))
+    assert out.data.flags.c_contiguous
+    monkeypatch.setattr(Rope, "PRODUCT_MAX_DH", 64 - product_max_dh)  # the other way
+    other = Tensor(backend(x), requires_grad=True)
+    other_out = rope(other, dcos, dsin)
+    other_out.backward(backend(uniform(4, out.shape)))
+    np.testing.assert_array_equal(to_numpy(out.data), to_numpy(other_out.data))
+    np.testing.assert_array_equal(to_numpy(leaf.grad), to_numpy(other.grad))
 
 
 def test_rope_is_a_rotation_that_sees_only_relative_positions():
