@@ -40,6 +40,7 @@ from minipeft.autograd.fused import (
     softmax,
     softmax_ref,
 )
+from minipeft.autograd.fused import few_rows
 from minipeft.autograd.fused.attention import Attention, Rope
 from minipeft.autograd.fused.softmax import CrossEntropy
 from minipeft.backend import to_numpy
@@ -309,14 +310,40 @@ def test_linear_with_a_constant_input_gives_only_weight_grads():
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 22, 32, 33, 70])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_linear_few_row_paths_equal_the_plain_product(rows, dtype):
-    """Few rows take NumPy's dot loop (≤ VECDOT_ROWS) or W as the left operand
-    (≤ WEIGHT_LEFT_ROWS): the same numbers as x Wᵀ, C-contiguous, of the same dtype."""
+    """Few rows take NumPy's dot loop (≤ VECDOT_ROWS), W in small-kernel blocks (float32 on
+    an AVX-512 OpenBLAS) or W as the left operand (≤ WEIGHT_LEFT_ROWS): the same numbers as
+    x Wᵀ, C-contiguous, of the same dtype."""
     x = uniform(0, (rows, 24)).astype(dtype)
     w, b = uniform(1, (40, 24)).astype(dtype), uniform(2, (40,)).astype(dtype)
     y = linear(Tensor(x.reshape(1, rows, 24)), Tensor(w), Tensor(b)).data
     assert y.shape == (1, rows, 40) and y.dtype == dtype and y.flags.c_contiguous
     close = {"rtol": 1e-5, "atol": 1e-5} if dtype == np.float32 else TIGHT
     np.testing.assert_allclose(y[0], x @ w.T + b, **close)
+
+
+@pytest.mark.parametrize("rows", [5, 8, 22, 33, 64, 75])
+def test_linear_in_small_kernel_blocks_equals_the_plain_product(rows, monkeypatch):
+    """W in blocks of rows sized for OpenBLAS's small-matrix kernels (forced on, whatever this
+    machine's BLAS): the same numbers as x Wᵀ, also when the blocks do not divide W's rows."""
+    monkeypatch.setattr(few_rows, "has_small_sgemm_kernels", lambda: True)
+    x = uniform(0, (rows, 48)).astype(np.float32)
+    w = uniform(1, (300, 48)).astype(np.float32)
+    block = few_rows.small_kernel_block(rows, 48)
+    assert 0 < block < 300 and 300 % block  # several blocks, the last one short
+    expected = x @ w.T  # alive first, so the output cannot land in memory that holds it
+    y = linear(Tensor(x), Tensor(w)).data
+    assert y.dtype == np.float32 and y.flags.c_contiguous
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("rows", "width"), [(5, 48), (22, 576), (22, 1536), (32, 576), (64, 576), (75, 32)])
+def test_small_kernel_blocks_keep_to_openblas_permit(rows, width):
+    """A block is a multiple of 16 weight rows with M·N ≤ 1200 and M·N·K ≤ 10⁶."""
+    block = few_rows.small_kernel_block(rows, width)
+    assert block >= 16 and block % 16 == 0
+    assert block * rows <= 1200 and block * rows * width <= 10**6
+    assert few_rows.small_kernel_block(rows, 31) == 0  # K below 32: not permitted
+    assert few_rows.small_kernel_block(76, width) == 0  # 16 rows of W no longer fit
 
 
 # ----- embedding ---------------------------------------------------------------------

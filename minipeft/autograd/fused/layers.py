@@ -11,26 +11,7 @@ from ...backend import check_index_range, get_array_module, scatter_add
 from .. import ops
 from ..function import Function
 from ..tensor import Tensor
-
-
-# A few rows (decoding one token at a time) make x Wᵀ memory-bound: reading W is all the
-# work. NumPy's own dot-product loop (vecdot, one dot per row of W) streams W about twice as
-# fast as OpenBLAS's matrix-vector kernel does for a row-major W (SmolLM2-135M's weights: 23 vs
-# 12 GB/s on one core), so up to VECDOT_ROWS rows use it. A few more rows (a short prompt) run
-# faster as (W xᵀ)ᵀ, W then the left operand that OpenBLAS streams (1.1-1.3x at 22 rows; from
-# 64 rows x Wᵀ is as fast or faster).
-VECDOT_ROWS, WEIGHT_LEFT_ROWS = 4, 32
-_HAS_VECDOT = hasattr(np, "vecdot")  # NumPy >= 2.0
-
-
-def times_transposed(rows, weight):
-    """rows Wᵀ for 2-D ``rows`` (n, in) and W (out, in): (n, out), C-contiguous."""
-    on_cpu = get_array_module(rows) is np
-    if rows.shape[0] <= VECDOT_ROWS and _HAS_VECDOT and on_cpu:
-        return np.vecdot(weight, rows[:, None, :])
-    if rows.shape[0] <= WEIGHT_LEFT_ROWS and on_cpu:
-        return np.ascontiguousarray((weight @ rows.T).T)
-    return rows @ weight.T
+from .few_rows import times_transposed
 
 
 class Linear(Function):

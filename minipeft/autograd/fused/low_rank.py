@@ -13,7 +13,8 @@ instead of four. The thin products (u, v, dA, dB) are the same in both.
 from __future__ import annotations
 
 from ..function import Function
-from .layers import linear_ref, times_transposed
+from .few_rows import times_transposed
+from .layers import linear_ref
 
 
 class LowRankLinear(Function):
