@@ -15,29 +15,32 @@ evaluation and in-place parameter updates.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import numpy as np
 
 from ..backend import device_of, get_array_module, to_device, to_numpy
 from .function import unbroadcast
 
-# The one module-level mutable flag the house rules allow: is autograd recording?
-_grad_enabled = True
+# The one module-level mutable state the house rules allow: is autograd recording? Per
+# thread, as in PyTorch: generation under no_grad in one thread must not switch recording
+# off for a training step running in another.
+_grad_mode = threading.local()
 
 
 def is_grad_enabled() -> bool:
-    return _grad_enabled
+    return getattr(_grad_mode, "enabled", True)
 
 
 @contextlib.contextmanager
 def no_grad():
-    """Run the block without recording the graph (no gradients, less memory)."""
-    global _grad_enabled
-    previous, _grad_enabled = _grad_enabled, False
+    """Run the block without recording the graph (no gradients, less memory). Applies to
+    the calling thread only."""
+    previous, _grad_mode.enabled = is_grad_enabled(), False
     try:
         yield
     finally:
-        _grad_enabled = previous
+        _grad_mode.enabled = previous
 
 
 class Tensor:

@@ -6,6 +6,7 @@ independent .grad arrays and unbroadcast.
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 
 import numpy as np
@@ -552,6 +553,31 @@ def test_no_grad_restores_the_flag_after_an_exception():
     with pytest.raises(KeyError), no_grad():
         raise KeyError
     assert is_grad_enabled()
+
+
+def test_no_grad_is_per_thread():
+    """As in PyTorch: a thread inside no_grad (say, generating) leaves recording on in the
+    others (say, a training step)."""
+    inside, release = threading.Event(), threading.Event()
+    seen = {}
+
+    def generate():
+        with no_grad():
+            seen["worker"] = is_grad_enabled()
+            inside.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=generate)
+    worker.start()
+    try:
+        assert inside.wait(10)
+        x = Tensor(uniform(0, (2, 3)), requires_grad=True)
+        y = (x * x).sum()  # recorded here while the other thread is inside no_grad
+        assert is_grad_enabled() and y.requires_grad and y._fn is not None
+    finally:
+        release.set()
+        worker.join(10)
+    assert seen["worker"] is False
 
 
 def test_constants_only_record_nothing():
