@@ -40,7 +40,8 @@ from minipeft.autograd.fused import (
     softmax,
     softmax_ref,
 )
-from minipeft.autograd.fused import few_rows
+from minipeft.autograd.fused import thin_products
+from minipeft.autograd.fused.low_rank import low_rank_linear
 from minipeft.autograd.fused.attention import Attention, Rope
 from minipeft.autograd.fused.softmax import CrossEntropy
 from minipeft.backend import to_numpy
@@ -325,25 +326,80 @@ def test_linear_few_row_paths_equal_the_plain_product(rows, dtype):
 def test_linear_in_small_kernel_blocks_equals_the_plain_product(rows, monkeypatch):
     """W in blocks of rows sized for OpenBLAS's small-matrix kernels (forced on, whatever this
     machine's BLAS): the same numbers as x Wᵀ, also when the blocks do not divide W's rows."""
-    monkeypatch.setattr(few_rows, "has_small_sgemm_kernels", lambda: True)
-    x = uniform(0, (rows, 48)).astype(np.float32)
-    w = uniform(1, (300, 48)).astype(np.float32)
-    block = few_rows.small_kernel_block(rows, 48)
+    monkeypatch.setattr(thin_products, "has_small_sgemm_kernels", lambda: True)
+    x = uniform(0, (rows, 288)).astype(np.float32)
+    w = uniform(1, (300, 288)).astype(np.float32)
+    block = thin_products.small_kernel_block(rows, 288, b_transposed=True)
     assert 0 < block < 300 and 300 % block  # several blocks, the last one short
-    expected = x @ w.T  # alive first, so the output cannot land in memory that holds it
+    exact = x.astype(np.float64) @ w.T.astype(np.float64)
     y = linear(Tensor(x), Tensor(w)).data
     assert y.dtype == np.float32 and y.flags.c_contiguous
-    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+    assert np.all(np.abs(y - exact) <= 1e-5 * (np.abs(x) @ np.abs(w.T)))  # float32 rounding
 
 
-@pytest.mark.parametrize(("rows", "width"), [(5, 48), (22, 576), (22, 1536), (32, 576), (64, 576), (75, 32)])
+@pytest.mark.parametrize(("rows", "width"), [(5, 288), (22, 576), (22, 1536), (32, 576), (64, 576), (75, 96)])
 def test_small_kernel_blocks_keep_to_openblas_permit(rows, width):
-    """A block is a multiple of 16 weight rows with M·N ≤ 1200 and M·N·K ≤ 10⁶."""
-    block = few_rows.small_kernel_block(rows, width)
+    """A block is a multiple of 16 with M·N·K ≤ 10⁶, and with a transposed right operand
+    also M·N ≤ 1200 and K ≥ 32; one too small to pay for its call is refused."""
+    block = thin_products.small_kernel_block(rows, width, b_transposed=True)
     assert block >= 16 and block % 16 == 0
     assert block * rows <= 1200 and block * rows * width <= 10**6
-    assert few_rows.small_kernel_block(rows, 31) == 0  # K below 32: not permitted
-    assert few_rows.small_kernel_block(76, width) == 0  # 16 rows of W no longer fit
+    assert thin_products.small_kernel_block(rows, 31, b_transposed=True) == 0  # K below 32
+    assert thin_products.small_kernel_block(76, width, b_transposed=True) == 0  # 16 no longer fit
+    plain = thin_products.small_kernel_block(rows, width, b_transposed=False)
+    assert plain >= block and plain * rows * width <= 10**6 < (plain + 16) * rows * width
+    assert thin_products.small_kernel_block(512, 1536, b_transposed=False) == 0  # training-size
+    assert thin_products.small_kernel_block(8, 64, b_transposed=True) == 0  # 144 × 8 × 64 < 10⁵
+
+
+# LoRA's rank-8 products of a 576 → 1536 layer at 512 rows (SmolLM2's MLP), as LowRankLinear
+# forms them (``.T`` of a C-contiguous array is what BLAS sees as transposed)
+THIN_PRODUCTS = {
+    "x Aᵀ": lambda x, g, A, B, u, v: (x, A.T),
+    "g B": lambda x, g, A, B, u, v: (g, B),
+    "v A": lambda x, g, A, B, u, v: (v, A),
+    "vᵀ x": lambda x, g, A, B, u, v: (v.T, x),
+    "gᵀ u": lambda x, g, A, B, u, v: (g.T, u),
+    "(u)(Bᵀ): inner 8, not blocked": lambda x, g, A, B, u, v: (u, B.T),
+    "both transposed, not blocked": lambda x, g, A, B, u, v: (g.T, np.ascontiguousarray(u.T).T),
+}
+
+
+@pytest.mark.parametrize("name", list(THIN_PRODUCTS))
+def test_thin_matmul_in_blocks_equals_one_product(name, monkeypatch):
+    """LoRA's thin products in small-kernel blocks (forced on): the same numbers as a @ b;
+    the first five do run in several blocks."""
+    monkeypatch.setattr(thin_products, "has_small_sgemm_kernels", lambda: True)
+    x, g = uniform(0, (512, 576)).astype(np.float32), uniform(1, (512, 1536)).astype(np.float32)
+    A, B = uniform(2, (8, 576)).astype(np.float32), uniform(3, (1536, 8)).astype(np.float32)
+    u, v = x @ A.T, g @ B
+    a, b = THIN_PRODUCTS[name](x, g, A, B, u, v)
+    (m, inner), n = a.shape, b.shape[1]
+    transposed = thin_products.is_transposed(a), thin_products.is_transposed(b)
+    block = 0 if all(transposed) else thin_products.small_kernel_block(min(m, n), inner, transposed[1])
+    assert (0 < block < max(m, n)) == ("not blocked" not in name)
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    got = thin_products.thin_matmul(a, b)
+    assert got.shape == exact.shape and got.dtype == np.float32
+    # float32 rounding of sums over up to 1,536 terms, relative to the sums of |terms|
+    assert np.all(np.abs(got - exact) <= 1e-5 * (np.abs(a) @ np.abs(b)))
+
+
+def test_lora_layer_in_small_kernel_blocks_matches_float64(monkeypatch):
+    """The fused LoRA layer in float32 with its thin products blocked (forced on): output and
+    every gradient match the same layer in float64."""
+    monkeypatch.setattr(thin_products, "has_small_sgemm_kernels", lambda: True)
+    arrays = [uniform(0, (2, 256, 576)), uniform(1, (1536, 576)), uniform(2, (8, 576)), uniform(3, (1536, 8))]
+    seed = uniform(4, (2, 256, 1536))
+    results = []
+    for dtype in (np.float32, np.float64):
+        leaves = [Tensor(a.astype(dtype), requires_grad=True) for a in arrays]
+        out = low_rank_linear(*leaves, scale=0.5)
+        (out * Tensor(seed.astype(dtype))).sum().backward()
+        results.append([out.data] + [leaf.grad for leaf in leaves])
+    for name, got, want in zip(["out", "dx", "dW", "dA", "dB"], *results):
+        # float32 sums over 512 rows: errors relative to the array's scale, not each element's
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=name)
 
 
 # ----- embedding ---------------------------------------------------------------------

@@ -11,7 +11,7 @@ from ...backend import check_index_range, get_array_module, scatter_add
 from .. import ops
 from ..function import Function
 from ..tensor import Tensor
-from .few_rows import times_transposed
+from .thin_products import times_transposed
 
 
 class Linear(Function):

@@ -13,14 +13,14 @@ instead of four. The thin products (u, v, dA, dB) are the same in both.
 from __future__ import annotations
 
 from ..function import Function
-from .few_rows import times_transposed
 from .layers import linear_ref
+from .thin_products import thin_matmul, times_transposed
 
 
 class LowRankLinear(Function):
     def forward(self, x, weight, A, B, bias=None, scale=1.0):
         rows = x.reshape(-1, x.shape[-1])
-        u = rows @ A.T
+        u = thin_matmul(rows, A.T)
         y = times_transposed(rows, weight)
         y += (u * scale) @ B.T
         if bias is not None:
@@ -33,15 +33,15 @@ class LowRankLinear(Function):
         need = self.needs_input_grad
         rows = x.reshape(-1, x.shape[-1])
         g2 = g.reshape(-1, g.shape[-1])
-        v = (g2 @ B) * scale if (need[0] or need[2]) else None
+        v = thin_matmul(g2, B) * scale if (need[0] or need[2]) else None
         dx = None
         if need[0]:
             dx = g2 @ weight
-            dx += v @ A
+            dx += thin_matmul(v, A)
             dx = dx.reshape(x.shape)
         dw = g2.T @ rows if need[1] else None
-        da = v.T @ rows if need[2] else None
-        db_factor = (g2.T @ u) * scale if need[3] else None
+        da = thin_matmul(v.T, rows) if need[2] else None
+        db_factor = thin_matmul(g2.T, u) * scale if need[3] else None
         if len(need) > 4:
             return dx, dw, da, db_factor, (g2.sum(axis=0) if need[4] else None)
         return dx, dw, da, db_factor
