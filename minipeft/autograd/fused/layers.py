@@ -5,8 +5,6 @@ agree in value and gradient.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from ...backend import check_index_range, get_array_module, scatter_add
 from .. import ops
 from ..function import Function
