@@ -7,6 +7,7 @@ positions, so the same op serves training (T = S) and cached decoding (T < S).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 from ...backend import get_array_module
@@ -68,8 +69,10 @@ class Rope(Function):
         return dx
 
 
+@functools.lru_cache(maxsize=8)
 def rotate_half_matrix(dh, dtype, xp):
-    """R with x R = rotate_half(x) = (−x₂, x₁): −1 from x₂ to the first half, +1 from x₁ to the second."""
+    """R with x R = rotate_half(x) = (−x₂, x₁): −1 from x₂ to the first half, +1 from x₁ to the
+    second. Made once per (head_dim, dtype, backend): every RoPE call of every layer reads it."""
     half = dh // 2
     rotation = xp.zeros((dh, dh), dtype)
     rotation[half:, :half] = -xp.eye(half, dtype=dtype)

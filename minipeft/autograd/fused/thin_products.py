@@ -70,18 +70,32 @@ def small_kernel_block(short: int, inner: int, b_transposed: bool) -> int:
 def thin_matmul(a, b):
     """a @ b for 2-D a (m, k) and b (k, n), in blocks along the longer of m and n when
     OpenBLAS's small-matrix kernels run such blocks (one product otherwise)."""
+    block = small_kernel_blocks(a, b)
+    return in_blocks(a, b, block) if block else a @ b
+
+
+def small_kernel_blocks(a, b) -> int:
+    """The block length of the long outer side that ``thin_matmul`` uses for a @ b, or 0
+    when it runs as one product (not float32 on NumPy, no small kernels, both operands
+    transposed, too large, or already small enough as a whole)."""
     if not (a.dtype == b.dtype == np.float32 and get_array_module(a) is np and has_small_sgemm_kernels()):
-        return a @ b
+        return 0
     (m, inner), n = a.shape, b.shape[1]
     a_transposed, b_transposed = is_transposed(a), is_transposed(b)
-    block = 0 if a_transposed and b_transposed else small_kernel_block(min(m, n), inner, b_transposed)
-    if not block or block >= max(m, n):
-        return a @ b
-    out = np.empty((m, n), dtype=np.float32)
-    if m >= n:  # blocks of a's rows
+    if a_transposed and b_transposed:
+        return 0
+    block = small_kernel_block(min(m, n), inner, b_transposed)
+    return block if block < max(m, n) else 0
+
+
+def in_blocks(a, b, block: int):
+    """a @ b as products of ``block`` rows of a (a the taller) or columns of b, into one output."""
+    (m, _), n = a.shape, b.shape[1]
+    out = np.empty((m, n), dtype=np.result_type(a, b))
+    if m >= n:
         for start in range(0, m, block):
             np.matmul(a[start:start + block], b, out=out[start:start + block])
-    else:  # blocks of b's columns
+    else:
         for start in range(0, n, block):
             np.matmul(a, b[:, start:start + block], out=out[:, start:start + block])
     return out
@@ -99,9 +113,9 @@ def times_transposed(rows, weight):
         return rows @ weight.T
     if n <= VECDOT_ROWS and _HAS_VECDOT:
         return np.vecdot(weight, rows[:, None, :])
-    if (rows.dtype == weight.dtype == np.float32 and has_small_sgemm_kernels()
-            and small_kernel_block(n, rows.shape[1], b_transposed=True)):  # up to 75 rows
-        return thin_matmul(rows, weight.T)
+    block = small_kernel_blocks(rows, weight.T)  # float32, 5 to 75 rows, on AVX-512 OpenBLAS
+    if block:
+        return in_blocks(rows, weight.T, block)
     if n <= WEIGHT_LEFT_ROWS:
         return np.ascontiguousarray((weight @ rows.T).T)
     return rows @ weight.T
