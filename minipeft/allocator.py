@@ -12,20 +12,12 @@ Add op 12.4 → 2.1 ms).
 So, before training, minipeft asks glibc (``mallopt``) to serve arrays up to 32 MiB from the
 heap, to keep up to 1 GiB of freed heap instead of trimming it, and to grow the heap 64 MiB
 at a time. Freed memory then stays in the process for the next step: peak RSS grows by what
-the heap keeps (+21 MB on the bundled model: 192 → 213 MB for ``minipeft train``).
+the heap keeps (+21 MB on the bundled model: 192 → 213 MB for ``minipeft train``); arrays
+above 32 MiB (the logits of a large vocabulary) are still mapped and unmapped.
 
-Arrays above 32 MiB (glibc's ceiling for that threshold) would still be mapped and unmapped
-every step: the logits chunk of the fused head is 50 MB for SmolLM2-135M's 49,152-word
-vocabulary. Faulting a fresh 50 MB mapping in every step cost far more than zeroing it: in one
-process, steps alternating (SmolLM2-135M, LoRA, 4 × 128, one core, medians of 8 pairs), keeping
-that one buffer between steps made the step 0.95–0.96× as long. So mmap is switched off as
-well (``M_MMAP_MAX`` 0): every array comes from the heap, whose freed memory is kept, and the
-same steps then run as fast as with the kept buffer (1.00×, 3.32 s a step) in less peak
-memory (1,356 → 1,327 MB).
-
-Measured whole-process, ``minipeft train`` 40 steps on the bundled model, 1 thread, A/B
-interleaved, medians of 5: 0.81× the wall time (5.79 s vs 7.14 s; system time 1.50 s → 0.16 s).
-The stories15M shape: about 5% faster per step (its GEMMs dominate).
+Measured with farm-bench, ``minipeft train`` 40 steps on the bundled model, 1 thread, whole
+process, A/B interleaved, medians of 5: 0.81× the wall time (5.79 s vs 7.14 s; system time
+1.50 s → 0.16 s). The stories15M shape: about 5% faster per step (its GEMMs dominate).
 
 Only on Linux with glibc (elsewhere nothing happens), once per process, and never when the
 user chose: ``MINIPEFT_MALLOC=default`` or any of glibc's own ``MALLOC_*_`` variables leaves
@@ -40,11 +32,10 @@ import functools
 import os
 import sys
 
-# mallopt parameter numbers, from glibc's <malloc.h>; M_MMAP_MAX 0: no allocation is served by mmap
-M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -2, -3, -4
-SETTINGS = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 1 << 30, M_TOP_PAD: 64 << 20, M_MMAP_MAX: 0}
-GLIBC_ENV_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
-                  "MALLOC_ARENA_MAX")
+# mallopt parameter numbers, from glibc's <malloc.h>
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+SETTINGS = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 1 << 30, M_TOP_PAD: 64 << 20}
+GLIBC_ENV_VARS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_ARENA_MAX")
 
 def user_chose() -> bool:
     """True when the environment says how malloc should behave (then minipeft leaves it)."""
