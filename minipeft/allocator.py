@@ -15,8 +15,8 @@ at a time. Freed memory then stays in the process for the next step: peak RSS gr
 the heap keeps (+21 MB on the bundled model: 192 → 213 MB for ``minipeft train``); arrays
 above 32 MiB (the logits of a large vocabulary) are still mapped and unmapped.
 
-Measured with farm-bench, ``minipeft train`` 40 steps on the bundled model, 1 thread, whole
-process, A/B interleaved, medians of 5: 0.81× the wall time (5.79 s vs 7.14 s; system time
+Measured whole-process, ``minipeft train`` 40 steps on the bundled model, 1 thread,
+A/B interleaved, medians of 5: 0.81× the wall time (5.79 s vs 7.14 s; system time
 1.50 s → 0.16 s). The stories15M shape: about 5% faster per step (its GEMMs dominate).
 
 Only on Linux with glibc (elsewhere nothing happens), once per process, and never when the
