@@ -501,26 +501,33 @@ def rope_case(draw):
     positions = np.arange(start, start + t)
     if per_batch:
         positions = positions[None, None, :] + np.arange(b)[:, None, None]
-    return (b, h, t, dh), positions, draw(seeds)
+    by_halves, model_layout = draw(st.booleans()), draw(st.booleans())  # the op's two ways; x a view
+    return (b, h, t, dh), positions, by_halves, model_layout, draw(seeds)
 
 
 @FAST
 @given(case=rope_case())
 def test_rope(case, backend):
-    shape, positions, seed = case
-    x = uniform(seed, shape)
+    shape, positions, by_halves, model_layout, seed = case
+    b, h, t, dh = shape
+    x = uniform(seed, (b, t, h, dh)).transpose(0, 2, 1, 3) if model_layout else uniform(seed, shape)
     cos, sin = rope_tables(positions, shape[-1])
     dcos, dsin = backend(cos), backend(sin)
     expected = x * cos + rotate_half_np(x) * sin
-    assert_fused_matches(lambda t: rope(t, dcos, dsin), lambda t: rope_ref(t, dcos, dsin),
-                         [x], expected, backend, seed)
+    default, Rope.PRODUCT_MAX_DH = Rope.PRODUCT_MAX_DH, (0 if by_halves else 64)
+    try:
+        assert_fused_matches(lambda t: rope(t, dcos, dsin), lambda t: rope_ref(t, dcos, dsin),
+                             [x], expected, backend, seed)
+    finally:
+        Rope.PRODUCT_MAX_DH = default
 
 
 @pytest.mark.parametrize("product_max_dh", [0, 64], ids=["halves", "product"])
 def test_rope_both_ways_on_the_models_layout(product_max_dh, monkeypatch, backend):
     """x as the model passes it, a (B, H, T, Dh) view of a (B, T, H, Dh) array: rotating by
     halves and by the product x R give the formula's values and gradients, bit for bit the
-    same, and a C-contiguous output."""
+    same; the product's output is C-contiguous, the halves' output and gradient keep the
+    model's (B, T, H, Dh) memory (so the projection's gradient is a reshape, not a copy)."""
     x = uniform(3, (2, 5, 3, 8)).transpose(0, 2, 1, 3)  # (B, H, T, Dh) view
     cos, sin = rope_tables(np.arange(5)[None, None, :] + np.arange(2)[:, None, None], 8)
     dcos, dsin = backend(cos), backend(sin)
@@ -530,7 +537,11 @@ def test_rope_both_ways_on_the_models_layout(product_max_dh, monkeypatch, backen
     leaf = Tensor(backend(x), requires_grad=True)
     out = rope(leaf, dcos, dsin)
     out.backward(backend(uniform(4, out.shape)))
-    assert out.data.flags.c_contiguous
+    if product_max_dh:
+        assert out.data.flags.c_contiguous
+    else:
+        assert out.data.transpose(0, 2, 1, 3).flags.c_contiguous
+        assert leaf.grad.transpose(0, 2, 1, 3).flags.c_contiguous
     monkeypatch.setattr(Rope, "PRODUCT_MAX_DH", 64 - product_max_dh)  # the other way
     other = Tensor(backend(x), requires_grad=True)
     other_out = rope(other, dcos, dsin)
