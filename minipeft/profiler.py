@@ -38,8 +38,10 @@ import tracemalloc
 
 import numpy as np
 
+from .autograd.fused import IGNORE_INDEX
 from .autograd.function import Function
 from .autograd.tensor import no_grad
+from .backend import to_numpy
 from .profile_report import OpStats, OpTable, ProfileReport, measure_gemm_peak, peak_rss_bytes
 
 __all__ = ["OpStats", "ProfileReport", "measure_gemm_peak", "profile_step", "profiling"]
@@ -79,9 +81,10 @@ def _attention_flops(fn, q, k, v, bias, causal_only=False):
     return 2 * product, (4 * product if any(fn.needs_input_grad) else 0), label
 
 
-def _linear_cross_entropy_flops(fn, h, weight, labels, ignore_index=None):
-    # the logits' product, and (in forward too) the products of dh and dW that are wanted
-    rows = h.size // h.shape[-1]
+def _linear_cross_entropy_flops(fn, h, weight, labels, ignore_index=IGNORE_INDEX):
+    # the logits' product, and (in forward too) the products of dh and dW that are wanted,
+    # over the rows whose label counts (the op skips the others)
+    rows = int((to_numpy(labels).reshape(-1) != ignore_index).sum())
     product = 2 * rows * h.shape[-1] * weight.shape[0]
     label = f"LinearCrossEntropy {rows}x{h.shape[-1]} -> {weight.shape[0]}"
     return product * (1 + sum(map(bool, fn.needs_input_grad[:2]))), 0, label

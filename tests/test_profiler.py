@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 import minipeft as mp
 from minipeft.autograd.function import Function
-from minipeft.autograd.fused import linear_cross_entropy, low_rank_linear
+from minipeft.autograd.fused import IGNORE_INDEX, linear_cross_entropy, low_rank_linear
 from minipeft.autograd.fused.layers import Linear
 from minipeft.cli import main
 from minipeft.profiler import matmul_flops, profile_step, profiling
@@ -117,6 +117,17 @@ def test_linear_cross_entropy_flops_are_all_in_forward(trained):
             loss.backward()
     assert ops["LinearCrossEntropy"].forward_flops == 2 * rows * width * vocab * (1 + sum(trained))
     assert ops["LinearCrossEntropy"].backward_flops == 0
+
+
+def test_linear_cross_entropy_flops_count_only_the_kept_rows():
+    """Rows whose label is ignored are not multiplied, and not counted."""
+    rows, width, vocab = 6, 4, 9
+    h = mp.Tensor(np.ones((rows, width), np.float32), requires_grad=True)
+    w = mp.Tensor(np.ones((vocab, width), np.float32))
+    labels = np.array([0, IGNORE_INDEX, 2, 3, IGNORE_INDEX, 5])
+    with profiling() as ops:
+        linear_cross_entropy(h, w, labels).backward()
+    assert ops["LinearCrossEntropy"].forward_flops == 2 * 4 * width * vocab * 2
 
 
 def test_low_rank_linear_flops_are_a_hand_count():

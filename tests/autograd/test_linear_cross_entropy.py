@@ -85,6 +85,27 @@ def test_the_upstream_gradient_scales_both_gradients():
         np.testing.assert_allclose(scaled, -2.5 * one, **TIGHT)
 
 
+def test_rows_with_an_ignored_label_are_never_multiplied(backend):
+    """Their hidden states are not read: a NaN there leaves the loss and every gradient finite
+    and equal to the run without those rows (as PyTorch's cross-entropy skips them)."""
+    h, weight = uniform(0, (5, 3)), uniform(1, (6, 3))
+    labels = np.array([0, IGNORE_INDEX, 2, IGNORE_INDEX, 5])
+    poisoned = h.copy()
+    poisoned[labels == IGNORE_INDEX] = np.nan
+    results = []
+    kept = labels != IGNORE_INDEX
+    for hidden, targets in ((poisoned, labels), (h[kept], labels[kept])):
+        ht, wt = Tensor(backend(hidden), requires_grad=True), Tensor(backend(weight), requires_grad=True)
+        loss = linear_cross_entropy(ht, wt, backend(targets))
+        loss.backward()
+        results.append((to_numpy(loss.data), to_numpy(ht.grad), to_numpy(wt.grad)))
+    (loss, dh, dw), (loss_kept, dh_kept, dw_kept) = results
+    np.testing.assert_allclose(loss, loss_kept, **TIGHT)
+    np.testing.assert_allclose(dw, dw_kept, **TIGHT)
+    np.testing.assert_allclose(dh[kept], dh_kept, **TIGHT)
+    assert not dh[~kept].any()
+
+
 def test_all_ignored_gives_nan_loss_and_zero_grads(backend):
     ht = Tensor(backend(uniform(0, (2, 3, 4))), requires_grad=True)
     wt = Tensor(backend(uniform(1, (5, 4))), requires_grad=True)

@@ -4,9 +4,11 @@
     loss = (1/n) Σ_{i kept} (logsumexp(zᵢ) − zᵢ[yᵢ])         n = number of kept rows
     dh = (g/n) (P − Y) W            dW = (g/n) (P − Y)ᵀ h
 
-with P = softmax(z) row by row, Y the one-hot labels, and the rows of ignored labels
-zero in P − Y. (P − Y does not depend on g, the gradient arriving at the loss, so it
-can be formed before backward is called.)
+with P = softmax(z) row by row and Y the one-hot labels. Rows whose label is ignored are
+left out before any product (their dh is zero): each sequence's last position, padding,
+and the prompt tokens that supervised fine-tuning masks cost nothing. (P − Y does not
+depend on g, the gradient arriving at the loss, so it can be formed before backward is
+called.)
 
 Why fuse: the vocabulary-wide logits are the largest arrays of a training step (batch
 8 × 256 tokens × 32,000 words is 262 MB in float32), and the unfused chain ``lm_head``
@@ -27,7 +29,7 @@ from __future__ import annotations
 from ...backend import get_array_module
 from ..function import Function
 from .layers import linear_ref
-from .softmax import IGNORE_INDEX, checked_labels, cross_entropy_ref, mean_over_kept, row_chunks
+from .softmax import IGNORE_INDEX, checked_labels, cross_entropy_ref, row_chunks
 
 
 class LinearCrossEntropy(Function):
@@ -39,6 +41,11 @@ class LinearCrossEntropy(Function):
         x = h.reshape(-1, width)
         kept, safe_y = checked_labels(labels, x.shape[0], vocab, ignore_index, "linear_cross_entropy",
                                       "rows of hidden states")
+        # Rows with an ignored label (each sequence's last position, padding, a prompt that
+        # supervised fine-tuning masks out) contribute nothing: only the kept rows are multiplied.
+        used = None if bool(kept.all()) else xp.flatnonzero(kept)
+        if used is not None:
+            x, safe_y = x[used], safe_y[used]
         want_dh, want_dw = self.needs_input_grad[0], self.needs_input_grad[1]
         dh = xp.empty_like(x) if want_dh else None
         dw = xp.zeros_like(weight) if want_dw else None
@@ -64,15 +71,17 @@ class LinearCrossEntropy(Function):
             z *= 1 / total  # P
             xp.copyto(z, 0, where=z < tiny)
             z[at_label] -= 1  # P − Y
-            if not kept[rows].all():
-                z[~kept[rows]] = 0  # ignored rows contribute nothing
             if want_dh:
                 xp.matmul(z, weight, out=dh[rows])
             if want_dw:
                 dw += z.T @ x[rows]
-        loss, count = mean_over_kept(lse - picked, kept)
+        count = x.shape[0]
+        loss = (lse - picked).sum() / count if count else xp.asarray(float("nan"), dtype=x.dtype)
+        if dh is not None and used is not None:  # ignored rows: zero gradient
+            dh, dh_used = xp.zeros((kept.shape[0], width), dtype=dh.dtype), dh
+            dh[used] = dh_used
         self.save(dh, dw, count, h.shape)
-        return loss
+        return xp.asarray(loss, dtype=x.dtype)
 
     def backward(self, g):
         dh, dw, count, shape = self.saved
