@@ -62,15 +62,7 @@ class Function:
     def apply(cls, *inputs, **params):
         """Run the op on tensors (numbers and arrays are wrapped as constants)."""
         Tensor = _tensor.Tensor  # noqa: N806 - the class, bound late (tensor.py imports this module)
-        xp, dtype = None, None
-        for x in inputs:
-            if isinstance(x, Tensor):
-                xp = get_array_module(x.data)
-                dtype = x.data.dtype
-                break
-        tensors = tuple(
-            x if isinstance(x, Tensor) else Tensor(_constant(x, xp, dtype)) for x in inputs
-        )
+        tensors = inputs if all(isinstance(x, Tensor) for x in inputs) else _as_tensors(inputs, Tensor)
         fn = cls()
         fn.saved = ()
         fn.needs_input_grad = tuple(t.requires_grad for t in tensors)
@@ -78,12 +70,22 @@ class Function:
         if not record:
             # Nothing to differentiate: backward will never run, so ops may skip saving.
             fn.needs_input_grad = (False,) * len(tensors)
-        out = Tensor(fn.forward(*(t.data for t in tensors), **params), requires_grad=record)
+        out = Tensor.of_array(fn.forward(*(t.data for t in tensors), **params), record)
         if record:
             fn.parents = tuple(_edge(t) for t in tensors)
             fn.input_shapes = tuple(t.shape for t in tensors)
             out._fn = fn
         return out
+
+
+def _as_tensors(inputs, Tensor):  # noqa: N803 - the class
+    """The inputs with numbers and arrays wrapped as constants of the first tensor's dtype."""
+    xp, dtype = None, None
+    for x in inputs:
+        if isinstance(x, Tensor):
+            xp, dtype = get_array_module(x.data), x.data.dtype
+            break
+    return tuple(x if isinstance(x, Tensor) else Tensor(_constant(x, xp, dtype)) for x in inputs)
 
 
 def _edge(tensor):

@@ -58,6 +58,16 @@ class Tensor:
         self.requires_grad = bool(requires_grad)
         self._fn = None
 
+    @classmethod
+    def of_array(cls, data, requires_grad: bool = False) -> "Tensor":
+        """Wrap an op's output: a NumPy array is taken as it is (the checks of ``Tensor(...)``
+        cost as much as a small op does, and decoding runs ~700 ops a token)."""
+        if type(data) is not np.ndarray:
+            return cls(data, requires_grad)
+        tensor = cls.__new__(cls)
+        tensor.data, tensor.grad, tensor.requires_grad, tensor._fn = data, None, requires_grad, None
+        return tensor
+
     # ----- array facts -------------------------------------------------------------
     shape = property(lambda self: self.data.shape)
     ndim = property(lambda self: self.data.ndim)

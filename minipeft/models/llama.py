@@ -168,6 +168,8 @@ class LlamaForCausalLM(Module):
             mask = to_device(_as_id_array(attention_mask, "attention_mask"), device).astype(bool)
             if mask.shape != (batch, past + length):
                 raise InputError(f"attention_mask has shape {mask.shape}, expected {(batch, past + length)}")
+            if bool(mask.all()):  # no padding (generation passes its mask every step): the causal
+                mask = None       # mask alone, made once and shared by every layer
         if ids is not None:
             ids = to_device(ids, device)
         h = self.model(ids, cos, sin, mask, cache, inputs_embeds)

@@ -112,6 +112,25 @@ def test_cached_step_logits_equal_full_forward(random_model, device):
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), full, rtol=0, atol=1e-5)
 
 
+def test_an_all_ones_mask_is_the_causal_mask_alone(random_model, device):
+    """A mask with no padding (generation passes one every step) takes the unpadded path: the
+    same logits bit for bit, cached and not, and every layer reads one shared, read-only mask."""
+    model = random_model(6).to(device=device)
+    ids = np.random.default_rng(1).integers(0, 96, (2, 7))
+    with no_grad():
+        bare, masked = model(ids).logits.numpy(), model(ids, attention_mask=np.ones((2, 7), int)).logits.numpy()
+        cache = mp.KVCache(model.config.num_hidden_layers)
+        model(ids[:, :6], attention_mask=np.ones((2, 6), int), cache=cache)
+        step = model(ids[:, 6:], attention_mask=np.ones((2, 7), int), cache=cache).logits.numpy()
+    np.testing.assert_array_equal(masked, bare)
+    np.testing.assert_allclose(step[:, 0], bare[:, 6], rtol=0, atol=1e-5)
+    from minipeft.autograd.fused.attention import causal_bias  # noqa: PLC0415
+    shared = causal_bias(7, 7, np.dtype(np.float32), np)
+    assert shared is causal_bias(7, 7, np.dtype(np.float32), np)
+    with pytest.raises(ValueError):
+        shared[..., 0] = 1.0  # nothing may write into the mask every layer shares
+
+
 def test_same_seed_same_samples_other_seed_other_samples(bundled):
     model, _ = bundled
     kwargs = dict(max_new_tokens=40, temperature=1.0, top_k=50, top_p=0.95)
