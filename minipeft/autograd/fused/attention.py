@@ -268,8 +268,9 @@ def attention(q, k, v, key_padding_mask=None):
 @functools.lru_cache(maxsize=2)
 def causal_bias(query_len, key_len, dtype, xp):
     """The causal mask alone, made once per (T, S, dtype, backend): every layer of a forward
-    reads the same one (decoding SmolLM2-135M: 30 layers a token, 0.5 of its 28 ms were spent
-    remaking it). Read-only where the backend allows: nothing may write into a shared mask."""
+    reads the same one instead of each remaking it (with the model's padding-free path, SmolLM2
+    greedy decoding 0.988× the time: one process, 8 alternating pairs of 64 tokens). Read-only
+    where the backend allows: nothing may write into a shared mask."""
     bias = attention_bias(query_len, key_len, None, dtype, xp)
     if hasattr(bias, "flags") and hasattr(bias.flags, "writeable"):
         bias.flags.writeable = False
