@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..backend import get_array_module, scatter_add
 from .function import Function
-from .tensor import Tensor
+from .tensor import Tensor, is_grad_enabled
 
 
 # ----- elementwise -------------------------------------------------------------------
@@ -349,11 +349,22 @@ def max(a, axis=None, keepdims=False):  # noqa: A001 - mirrors NumPy
 
 
 def reshape(a, shape):
-    return Reshape.apply(a, shape=tuple(shape) if not isinstance(shape, int) else (shape,))
+    shape = tuple(shape) if not isinstance(shape, int) else (shape,)
+    if _nothing_to_record(a):  # a view, and no gradient to route: the op itself is not needed
+        return Tensor.of_array(a.data.reshape(shape))
+    return Reshape.apply(a, shape=shape)
 
 
 def transpose(a, axes=None):
+    if _nothing_to_record(a):
+        return Tensor.of_array(a.data.transpose(axes))
     return Transpose.apply(a, axes=axes)
+
+
+def _nothing_to_record(a) -> bool:
+    """Whether a view of ``a`` needs no node in the graph (decoding reshapes and transposes
+    each layer's q, k, v and attention output: 8 ops of ~700 a token, dispatch not free)."""
+    return isinstance(a, Tensor) and not (a.requires_grad and is_grad_enabled())
 
 
 def getitem(a, index):

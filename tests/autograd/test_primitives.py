@@ -315,6 +315,22 @@ def test_transpose_spellings():
     np.testing.assert_array_equal(t.transpose((1, 0, 2)).data, x.transpose((1, 0, 2)))
 
 
+def test_views_with_nothing_to_record_are_plain_views():
+    """Reshape / transpose of a tensor without gradient (or under no_grad) is a view of its
+    memory and records no node; with gradients wanted it is recorded and the gradient flows."""
+    x = uniform(0, (2, 3, 4))
+    frozen, leaf = Tensor(x), Tensor(x, requires_grad=True)
+    for out in (frozen.reshape(6, 4), frozen.transpose(2, 0, 1)):
+        assert np.shares_memory(out.data, x) and out._fn is None and not out.requires_grad
+    with no_grad():
+        out = leaf.reshape(6, 4).transpose()
+    assert np.shares_memory(out.data, leaf.data) and out._fn is None and not out.requires_grad
+    recorded = leaf.reshape(6, 4).transpose()
+    assert recorded.requires_grad and recorded._fn is not None
+    recorded.sum().backward()
+    np.testing.assert_array_equal(leaf.grad, np.ones_like(x))
+
+
 @FAST
 @given(data=st.data(), shape=hnp.array_shapes(min_dims=2, max_dims=4, max_side=4), seed=seeds)
 def test_swapaxes(data, shape, seed, backend):
