@@ -29,7 +29,7 @@ from __future__ import annotations
 from ...backend import get_array_module
 from ..function import Function
 from .layers import linear_ref
-from .softmax import IGNORE_INDEX, checked_labels, cross_entropy_ref, row_chunks
+from .softmax import IGNORE_INDEX, checked_labels, cross_entropy_ref, mean_over_kept, row_chunks
 
 
 class LinearCrossEntropy(Function):
@@ -75,13 +75,12 @@ class LinearCrossEntropy(Function):
                 xp.matmul(z, weight, out=dh[rows])
             if want_dw:
                 dw += z.T @ x[rows]
-        count = x.shape[0]
-        loss = (lse - picked).sum() / count if count else xp.asarray(float("nan"), dtype=x.dtype)
+        loss, count = mean_over_kept(lse - picked, kept if used is None else kept[used])
         if dh is not None and used is not None:  # ignored rows: zero gradient
             dh, dh_used = xp.zeros((kept.shape[0], width), dtype=dh.dtype), dh
             dh[used] = dh_used
         self.save(dh, dw, count, h.shape)
-        return xp.asarray(loss, dtype=x.dtype)
+        return loss
 
     def backward(self, g):
         dh, dw, count, shape = self.saved
