@@ -77,6 +77,7 @@ class ProfileReport:
     peak_traced_bytes: int | None  # tracemalloc's peak during one extra step; None if not measured
     peak_rss_bytes: int | None  # the process's peak resident memory (ru_maxrss)
     threads: int | None  # BLAS threads during the steps
+    blas: str | None = None  # NumPy's BLAS and the kernels it runs (threads.blas_library)
     losses: list[float] = dataclasses.field(default_factory=list)
 
     @property
@@ -112,6 +113,7 @@ class ProfileReport:
         lines = [
             f"{steps} step(s), {wall * per_step * 1e3:.1f} ms per step"
             + (f", {self.threads} BLAS thread(s)" if self.threads else "")
+            + (f" ({self.blas})" if self.blas else "")
             + "; per step: ms and % of the step, MB allocated (arrays returned), calls",
             f"{'op':<14} {'fwd ms':>8} {'bwd ms':>8} {'total %':>7} {'fwd MB':>8} {'bwd MB':>8} "
             f"{'calls f/b':>11} {'GFLOP/s':>8}",

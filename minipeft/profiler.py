@@ -250,7 +250,7 @@ def profile_step(model, input_ids, labels=None, *, steps: int = 3, warmup: int =
     gradients (``no_grad``: what evaluation and generation run), and no optimizer.
     """
     from .allocator import keep_freed_memory  # noqa: PLC0415
-    from .threads import get_num_threads  # noqa: PLC0415
+    from .threads import blas_library, get_num_threads  # noqa: PLC0415
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got {steps} and {warmup}")
@@ -291,4 +291,4 @@ def profile_step(model, input_ids, labels=None, *, steps: int = 3, warmup: int =
     return ProfileReport(
         ops=ops, steps=steps, step_s=step_s, optimizer_s=optimizer_s,
         gemm_peak_flops=measure_gemm_peak() if gemm_peak else None, peak_traced_bytes=peak_traced,
-        peak_rss_bytes=peak_rss_bytes(), threads=get_num_threads(), losses=losses)
+        peak_rss_bytes=peak_rss_bytes(), threads=get_num_threads(), blas=blas_library(), losses=losses)

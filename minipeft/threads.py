@@ -77,6 +77,23 @@ def get_num_threads() -> int | None:
     return max(counts) if counts else None
 
 
+def blas_library() -> str | None:
+    """NumPy's BLAS in words, e.g. "OpenBLAS 0.3.31.188.0, SkylakeX kernels"; None without one.
+
+    OpenBLAS picks its kernels by the CPU when it loads, or by ``OPENBLAS_CORETYPE`` when that is
+    set before NumPy is imported; which ones run matters for speed (README.md, "BLAS kernels")."""
+    found = []
+    for info in _controller().info():
+        if info["user_api"] != "blas":
+            continue
+        name = {"openblas": "OpenBLAS", "mkl": "MKL", "blis": "BLIS"}.get(info["internal_api"], info["internal_api"])
+        words = f"{name} {info['version']}" if info.get("version") else name
+        if info.get("architecture"):
+            words += f", {info['architecture']} kernels"
+        found.append(words)
+    return "; ".join(found) or None
+
+
 def chosen_num_threads(n: int | None = None) -> int | None:
     """The count to use: ``n`` when given; None (leave the BLAS alone) when a BLAS variable is
     set in the environment; else :func:`default_num_threads`."""

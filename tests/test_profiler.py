@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minipeft as mp
+from minipeft import threads
 from minipeft.autograd.function import Function
 from minipeft.autograd.fused import IGNORE_INDEX, linear_cross_entropy, low_rank_linear
 from minipeft.autograd.fused.layers import Linear
@@ -75,6 +76,30 @@ def test_times_are_non_negative_and_fit_in_the_wall_time():
     text = report.format()
     for needle in ("Linear", "Attention", "optimizer", "other", "GEMM ops", "measured peak", "tracemalloc"):
         assert needle in text
+
+
+def test_the_header_names_the_blas_and_its_kernels(monkeypatch):
+    # The same BLAS runs different kernels by CPU (or OPENBLAS_CORETYPE): the report says which.
+    fake = [{"user_api": "blas", "internal_api": "openblas", "version": "0.3.31", "architecture": "Haswell",
+             "num_threads": 1},
+            {"user_api": "openmp", "internal_api": "openmp", "version": None, "num_threads": 2}]
+
+    class FakeController:
+        def info(self):
+            return fake
+
+    monkeypatch.setattr(threads, "_controller", FakeController)
+    assert threads.blas_library() == "OpenBLAS 0.3.31, Haswell kernels"
+    fake[0] = dict(fake[0], internal_api="mkl", architecture=None)
+    assert threads.blas_library() == "MKL 0.3.31"
+    fake.pop(0)
+    assert threads.blas_library() is None
+    monkeypatch.undo()
+
+    report = profile_step(tiny_model(), batch(), steps=1, memory=False, gemm_peak=False)
+    assert report.blas == threads.blas_library()
+    header = report.format().splitlines()[0]
+    assert (f"({report.blas})" in header) == bool(report.blas)
 
 
 @settings(max_examples=30, deadline=None)
