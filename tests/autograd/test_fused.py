@@ -672,6 +672,26 @@ def test_attention_last_queries_match_the_full_pass():
         np.testing.assert_allclose(last, full[:, :, -t:], **TIGHT)
 
 
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 3), kv_heads=st.integers(1, 3), group=st.sampled_from([1, 2, 3]),
+       keys=st.integers(1, 9), dh=st.sampled_from([2, 8, 64]), seed=seeds)
+def test_one_query_path_is_the_blocked_path_bit_for_bit(batch, kv_heads, group, keys, dh, seed):
+    """Decoding's single query (no gradients, no padding) skips the mask and the block loop; its
+    output is bitwise that of the blocked path, here run with an all-zero padding bias. k and v
+    are views into a larger buffer, as the KV cache passes them."""
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, kv_heads * group, 1, dh)).astype(np.float32)
+    cache = rng.standard_normal((2, batch, kv_heads, keys + 3, dh)).astype(np.float32)
+    k, v = cache[0][:, :, :keys], cache[1][:, :, :keys]
+    zero_bias = np.zeros((batch, 1, 1, keys), np.float32)
+    with no_grad():
+        fast = attention(Tensor(q), Tensor(k), Tensor(v)).data
+        blocked = Attention.apply(Tensor(q), Tensor(k), Tensor(v), zero_bias, causal_only=False).data
+    assert fast.shape == q.shape
+    np.testing.assert_array_equal(fast, blocked)
+    np.testing.assert_allclose(fast, attention_np(q.astype(np.float64), k, v, None), rtol=1e-5, atol=1e-6)
+
+
 def test_attention_mask_of_all_true_equals_no_mask():
     q, k, v = uniform(0, (2, 2, 3, 4)), uniform(1, (2, 1, 3, 4)), uniform(2, (2, 1, 3, 4))
     np.testing.assert_allclose(

@@ -176,6 +176,8 @@ class Attention(Function):
         group, pairs = heads // kv_heads, batch * kv_heads
         scale = 1.0 / math.sqrt(dh)
         keep = any(self.needs_input_grad)  # backward needs the probabilities
+        if tq == 1 and causal_only and not keep:
+            return self.one_query(q, k, v, scale, xp)
         q4 = xp.empty(q.shape, q.dtype)  # C-contiguous whatever q's layout (RoPE keeps the model's)
         xp.multiply(q, scale, out=q4)
         q4 = q4.reshape(pairs, group, tq, dh)
@@ -212,6 +214,22 @@ class Attention(Function):
         if keep:
             self.save(blocks, k, v, out, scale)
         return out.reshape(batch, heads, tq, dh)
+
+    @staticmethod
+    def one_query(q, k, v, scale, xp):
+        """Cached decoding's step: one query, at the last position, reads every key, so there is
+        no mask to add and no block loop; the same products and passes as the blocked path, so the
+        same numbers. SmolLM2's decoding call, one core: 25.6 → 19.8 µs (30 calls a token; greedy
+        decoding of 64 tokens about 1% faster over 7 alternating process pairs, the same ids)."""
+        batch, heads, _, dh = q.shape
+        pairs, tk = batch * k.shape[1], k.shape[2]
+        queries = xp.multiply(q.reshape(pairs, heads // k.shape[1], dh), scale)  # (B·Hkv, G, Dh)
+        scores = queries @ keys_last(k, 1).reshape(pairs, dh, tk)
+        scores -= scores.max(axis=-1, keepdims=True)
+        xp.exp(scores, out=scores)
+        out = scores @ v.reshape(pairs, tk, dh)
+        out /= scores.sum(axis=-1, keepdims=True)
+        return out.reshape(batch, heads, 1, dh)
 
     def backward(self, g):
         blocks, k, v, out, scale = self.saved
