@@ -13,7 +13,8 @@ file and dequantizes the blocks; this module adds what minipeft needs around it:
   ``q_proj`` and ``k_proj`` within each head: GGUF row ``2j + a`` holds HF row ``a*Dh/2 + j``.
   Reading undoes it (:func:`to_rotate_half`), writing applies it (:func:`to_interleaved`);
 * the config: ``llama.*`` hyperparameters <-> a ``config.json``-style dict (``LlamaConfig.from_dict``
-  validates it; this module does not import the model);
+  validates it; this module does not import the model); Llama 3's RoPE scaling, which llama.cpp
+  stores as the tensor ``rope_freqs.weight``, <-> transformers' ``rope_scaling``: :mod:`.gguf_rope`;
 * the tokenizer fields (``tokenizer.ggml.*``): see :mod:`.gguf_tokenizer`; writing: :mod:`.gguf_writer`.
 
 Every weight is returned as float32 (the compute dtype): a quantised model is loaded
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError, ConfigError
+from . import gguf_rope
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 # Types whose dequantisation gguf implements and minipeft accepts. The IQ / TQ / MXFP4 types are
@@ -203,9 +205,6 @@ def gguf_config(reader, path) -> dict:
     if get("rope.dimension_count", default=head_dim) != head_dim:
         raise CheckpointError(f"{path}: '{arch}.rope.dimension_count' is not the head size {head_dim}; "
                               "partial rotary embeddings are not supported")
-    if "rope_freqs.weight" in names:
-        raise CheckpointError(f"{path}: tensor 'rope_freqs.weight' (llama3-style RoPE frequency factors) "
-                              "is not supported")
     tokens = reader.fields.get("tokenizer.ggml.tokens")  # counted, not decoded: 100k strings are slow
     embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     # parts: key length, key, value type, item type, item count, items (none when skipped)
@@ -235,6 +234,17 @@ def gguf_config(reader, path) -> dict:
     elif scaling != "none":
         raise CheckpointError(f"{path}: '{arch}.rope.scaling.type' is {scaling!r}; minipeft reads "
                               "'none' and 'linear' from GGUF")
+    factors = next((t for t in reader.tensors if t.name == gguf_rope.TENSOR_NAME), None)
+    if factors is not None:  # Llama 3.1 / 3.2: per-frequency divisors (gguf_rope.py)
+        if scaling != "none":
+            raise CheckpointError(f"{path}: both '{arch}.rope.scaling.type' and tensor "
+                                  f"{gguf_rope.TENSOR_NAME!r} scale RoPE; minipeft reads one or the other")
+        if factors.tensor_type.name != "F32":
+            raise CheckpointError(f"{path}: tensor {gguf_rope.TENSOR_NAME!r} is stored as "
+                                  f"{factors.tensor_type.name}; llama.cpp writes it as F32")
+        rope_scaling = gguf_rope.llama3_scaling(np.asarray(factors.data), config["rope_theta"], head_dim, path)
+        if rope_scaling is not None:
+            config["rope_scaling"] = rope_scaling
     for role, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("pad", "padding_token_id")):
         value = metadata_value(reader, f"tokenizer.ggml.{key}", path)
         config[f"{role}_token_id"] = None if value is None else _number(value, f"tokenizer.ggml.{key}", path)
@@ -273,6 +283,8 @@ def read_gguf(path) -> tuple[dict, dict[str, np.ndarray]]:
     expected = expected_shapes(config)
     names = {}
     for tensor in reader.tensors:  # every type and shape checked before anything is allocated
+        if tensor.name == gguf_rope.TENSOR_NAME:  # read into the config above, not a weight
+            continue
         if tensor.tensor_type.name not in LOADABLE_TYPE_NAMES:
             raise CheckpointError(f"{path}: tensor {tensor.name!r} is stored as {tensor.tensor_type.name}; "
                                   f"minipeft loads {', '.join(LOADABLE_TYPE_NAMES)}")
@@ -299,6 +311,8 @@ def read_gguf(path) -> tuple[dict, dict[str, np.ndarray]]:
                               f"({len(missing)} missing in all)")
     tensors = {}
     for tensor in reader.tensors:
+        if tensor.name not in names:
+            continue
         name = names[tensor.name]
         values = _dequantized(tensor, path)
         heads = _rope_heads(name, config)

@@ -18,6 +18,8 @@ import numpy as np
 
 from ..errors import ConfigError
 from .gguf import _gguf, _rope_heads, gguf_name, to_interleaved
+from .gguf_rope import TENSOR_NAME as ROPE_FACTORS
+from .gguf_rope import llama3_divisors
 
 # Model types (config.json) written as llama-architecture GGUF: llama.cpp runs Mistral as llama.
 WRITABLE_MODEL_TYPES = ("llama", "mistral")
@@ -78,9 +80,9 @@ def write_gguf(path, config: dict, tensors: dict[str, np.ndarray], gguf_type: st
                           f"{', '.join(WRITABLE_MODEL_TYPES)} models only")
     scaling = config.get("rope_scaling") or {}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ("default", "linear"):
+    if rope_type not in ("default", "linear", "llama3"):
         raise ConfigError(f"config rope_scaling type {rope_type!r} cannot be written to GGUF by minipeft "
-                          "(supported: default, linear)")
+                          "(supported: default, linear, llama3)")
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     arch = "llama"
@@ -104,6 +106,9 @@ def write_gguf(path, config: dict, tensors: dict[str, np.ndarray], gguf_type: st
     if rope_type == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
+    if rope_type == "llama3":  # as llama.cpp's converter: one divisor per frequency (gguf_rope.py)
+        divisors = llama3_divisors(float(config.get("rope_theta", 10000.0)), head_dim, scaling)
+        writer.add_tensor(ROPE_FACTORS, divisors, raw_dtype=gguf.GGMLQuantizationType.F32)
     for key, value in (tokenizer_fields or {}).items():
         _add_value(writer, key, value)
 

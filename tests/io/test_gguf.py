@@ -3,6 +3,8 @@ as the transformers folder they came from; files minipeft writes read back in ``
 and here; what minipeft cannot load is refused by name."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -12,7 +14,7 @@ import minipeft as mp
 from minipeft.errors import CheckpointError, ConfigError, MiniPeftError
 from minipeft.io.gguf import gguf_name, hf_name, read_gguf, to_interleaved, to_rotate_half
 from minipeft.io.gguf_writer import write_gguf
-from tests.io.gguf_helpers import convert, gguf, permute, read_folder, roundtrip, write_folder
+from tests.io.gguf_helpers import convert, gguf, llama3_rope_factors, permute, read_folder, roundtrip, write_folder
 from tests.peft.helpers import assert_logits_close, hf_checkpoint, hf_model, our_logits
 
 Q = gguf.GGMLQuantizationType
@@ -101,6 +103,69 @@ def test_read_gguf_returns_config_and_hf_tensors(tmp_path, folders):
         np.testing.assert_array_equal(tensors[key], value, err_msg=key)
 
 
+# ----- Llama 3's RoPE scaling: the rope_freqs.weight tensor ------------------------------------
+LLAMA3 = {  # head_dim 16: 8 frequencies; wavelengths 2π·θ^(j/8)
+    # Llama 3.2's numbers: one frequency in the band, found by trying Llama 3's published values
+    "llama3.2": dict(rope_theta=500000.0, rope_scaling=dict(
+        rope_type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8192)),
+    # two frequencies in the band (wavelengths 628 and 1987 in [256, 2048]): fitted
+    "fitted": dict(rope_theta=10000.0, rope_scaling=dict(
+        rope_type="llama3", factor=16.0, low_freq_factor=1.0, high_freq_factor=8.0,
+        original_max_position_embeddings=2048)),
+    # the same divisors from other numbers ((L, low, high) scaled by 2): read back as the ones above
+    "scaled": dict(rope_theta=10000.0, rope_scaling=dict(
+        rope_type="llama3", factor=16.0, low_freq_factor=2.0, high_freq_factor=16.0,
+        original_max_position_embeddings=4096)),
+}
+
+
+@pytest.fixture(scope="module")
+def llama3_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llama3")
+    return {name: hf_checkpoint(root / name, seed=7, **SIZES, num_key_value_heads=2, **copy.deepcopy(kw))
+            for name, kw in LLAMA3.items()}  # a copy: transformers adds rope_theta to the dict it is given
+
+
+@pytest.mark.parametrize("name", list(LLAMA3))
+def test_llama3_rope_factors_give_transformers_logits(tmp_path, llama3_folders, name):
+    """A GGUF with the rope_freqs.weight llama.cpp's converter computes loads to transformers'
+    logits for the llama3-scaled folder it came from, with the rope_scaling read back from it."""
+    folder = llama3_folders[name]
+    config = read_folder(folder)[0]
+    factors = llama3_rope_factors(config)
+    assert factors.min() == 1 and factors.max() == 16 * (1 + (name == "llama3.2"))  # all three regions
+    assert ((factors > 1) & (factors < factors.max())).sum() == (1 if name == "llama3.2" else 2)
+    ids = {"tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2}  # transformers' defaults
+    path = convert(folder, tmp_path / "m.gguf", Q.F32, tokenizer=ids,
+                   extra_tensors={"rope_freqs.weight": (factors, Q.F32)})
+    from_gguf = mp.LlamaForCausalLM.from_pretrained(path)
+    wanted = dict(LLAMA3["fitted" if name == "scaled" else name]["rope_scaling"])
+    assert from_gguf.config.rope_scaling == wanted
+    if name != "scaled":
+        assert from_gguf.config == mp.LlamaForCausalLM.from_pretrained(folder).config
+    torch = pytest.importorskip("torch")
+    with torch.no_grad():
+        expected = hf_model(folder)(torch.tensor(IDS)).logits.numpy()
+    assert_logits_close(our_logits(from_gguf, IDS), expected, rtol=1e-5)
+    # without the tensor the numbers are not these: the factors are read, not ignored
+    plain = convert(folder, tmp_path / "plain.gguf", Q.F32)
+    assert np.abs(our_logits(mp.LlamaForCausalLM.from_pretrained(plain), IDS) - expected).max() > 1e-3
+
+
+def test_llama3_rope_factors_round_trip_through_the_writer(tmp_path, llama3_folders):
+    """minipeft writes the tensor llama.cpp's converter writes, and reads its own file back."""
+    model = mp.LlamaForCausalLM.from_pretrained(llama3_folders["fitted"])
+    write_gguf(tmp_path / "w.gguf", model.config.to_dict(), model.state_dict(), "f32")
+    reader = gguf.GGUFReader(tmp_path / "w.gguf")
+    written = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+    assert written.tensor_type.name == "F32"
+    np.testing.assert_array_equal(np.asarray(written.data), llama3_rope_factors(read_folder(llama3_folders["fitted"])[0]))
+    back = mp.LlamaForCausalLM.from_pretrained(tmp_path / "w.gguf")
+    assert (back.config.rope_scaling, back.config.rope_theta) == (LLAMA3["fitted"]["rope_scaling"], 10000.0)
+    assert_logits_close(our_logits(back, IDS), our_logits(model, IDS), rtol=1e-6)
+
+
 # ----- refusals -------------------------------------------------------------------------------
 def test_unsupported_architecture_is_refused_by_name(tmp_path, folders):
     path = convert(folders["gqa"], tmp_path / "m.gguf", Q.F32, arch="gemma")
@@ -116,11 +181,23 @@ def test_unsupported_quant_type_is_refused_by_name(tmp_path, folders):
         mp.LlamaForCausalLM.from_pretrained(path)
 
 
-def test_llama3_rope_factors_are_refused_by_name(tmp_path, folders):
-    path = convert(folders["gqa"], tmp_path / "m.gguf", Q.F32,
-                   extra_tensors={"rope_freqs.weight": (np.ones(8, np.float32), Q.F32)})
-    with pytest.raises(CheckpointError, match="rope_freqs.weight"):
-        mp.LlamaForCausalLM.from_pretrained(path)
+def test_rope_factors_that_are_not_llama3s_are_refused_by_name(tmp_path, folders):
+    """rope_freqs.weight must be Llama 3's divisors, one per frequency, F32, and not beside another scaling."""
+    head_dim = SIZES["hidden_size"] // SIZES["num_attention_heads"]
+    cases = [
+        ((np.linspace(1, 9, head_dim // 2) ** 2).astype(np.float32), Q.F32, {}, "Llama 3-style"),  # no band
+        (np.ones(head_dim // 2 + 1, np.float32), Q.F32, {}, "needs 8"),
+        (np.full(head_dim // 2, 0.5, np.float32), Q.F32, {}, "divisors >= 1"),
+        (np.ones(head_dim // 2, np.float16), Q.F16, {}, "stored as F16"),
+        (np.ones(head_dim // 2, np.float32), Q.F32, {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2},
+         "one or the other"),
+    ]
+    for i, (values, kind, fields, match) in enumerate(cases):
+        path = convert(folders["gqa"], tmp_path / f"m{i}.gguf", Q.F32, tokenizer=fields,
+                       extra_tensors={"rope_freqs.weight": (values, kind)})
+        with pytest.raises(CheckpointError, match=f"rope_freqs.weight.*{match}|{match}.*rope_freqs.weight") as caught:
+            mp.LlamaForCausalLM.from_pretrained(path)
+        assert str(path) in str(caught.value)
 
 
 def test_missing_hyperparameter_is_named(tmp_path, folders):
@@ -194,7 +271,7 @@ def test_rows_that_are_not_whole_blocks_fall_back_to_f16(tmp_path):
 
 @pytest.mark.parametrize("change, match", [
     (dict(model_type="qwen2"), "model_type 'qwen2'"),
-    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling type 'llama3'"),
+    (dict(rope_scaling={"rope_type": "yarn", "factor": 8.0}), "rope_scaling type 'yarn'"),
 ])
 def test_writer_refuses_what_it_cannot_write(tmp_path, change, match):
     model = mp.LlamaForCausalLM.from_pretrained(mp.bundled_model_path())
