@@ -8,7 +8,8 @@ file and dequantizes the blocks; this module adds what minipeft needs around it:
 
 * names: llama.cpp's ``blk.N.attn_q.weight`` <-> transformers' ``model.layers.N.self_attn.q_proj.weight``
   (the map ``convert_hf_to_gguf.py`` applies, undone);
-* RoPE row order: llama.cpp rotates interleaved pairs (x[2j], x[2j+1]) while transformers
+* RoPE row order (llama; a qwen2 file keeps transformers' order, as llama.cpp rotates its halves):
+  llama.cpp rotates interleaved pairs (x[2j], x[2j+1]) while transformers
   rotates halves (x[j], x[j + Dh/2]). ``convert_hf_to_gguf.py`` therefore permutes the rows of
   ``q_proj`` and ``k_proj`` within each head: GGUF row ``2j + a`` holds HF row ``a*Dh/2 + j``.
   Reading undoes it (:func:`to_rotate_half`), writing applies it (:func:`to_interleaved`);
@@ -33,7 +34,10 @@ import numpy as np
 from ..errors import CheckpointError, ConfigError
 from . import gguf_rope
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+# general.architecture -> config.json's model_type. llama.cpp runs Qwen2 with NeoX-style (rotate-half)
+# RoPE, so its converter stores q/k rows in transformers' order: only llama's are permuted.
+SUPPORTED_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2"}
+_PERMUTED_MODEL_TYPES = ("llama", "mistral")
 # Types whose dequantisation gguf implements and minipeft accepts. The IQ / TQ / MXFP4 types are
 # refused by name: gguf's NumPy dequantisers for them are slow and untested here.
 LOADABLE_TYPE_NAMES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
@@ -103,7 +107,10 @@ def to_rotate_half(rows: np.ndarray, heads: int) -> np.ndarray:
 
 
 def _rope_heads(hf: str, config: dict) -> int | None:
-    """How many heads' rows to permute in tensor ``hf`` (None: not a q/k projection)."""
+    """How many heads' rows to permute in tensor ``hf`` (None: not a q/k projection, or a model
+    whose GGUF keeps transformers' row order)."""
+    if config.get("model_type", "llama") not in _PERMUTED_MODEL_TYPES:
+        return None
     if ".self_attn.q_proj." in hf:
         return config["num_attention_heads"]
     if ".self_attn.k_proj." in hf:
@@ -210,8 +217,8 @@ def gguf_config(reader, path) -> dict:
     # parts: key length, key, value type, item type, item count, items (none when skipped)
     default_vocab = int(tokens.parts[4][0]) if tokens is not None else (int(embed.shape[-1]) if embed is not None else 0)
     config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
+        "model_type": SUPPORTED_ARCHITECTURES[arch],
+        "architectures": ["Qwen2ForCausalLM" if arch == "qwen2" else "LlamaForCausalLM"],
         "vocab_size": get("vocab_size", default=default_vocab or None),
         "hidden_size": hidden,
         "intermediate_size": get("feed_forward_length"),
@@ -223,7 +230,8 @@ def gguf_config(reader, path) -> dict:
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon", float),
         "rope_theta": get("rope.freq_base", float, default=10000.0),
         "tie_word_embeddings": "output.weight" not in names,
-        "attention_bias": "blk.0.attn_q.bias" in names,
+        # qwen2: q/k/v biases always (the model type says so), none on o_proj
+        "attention_bias": arch == "llama" and "blk.0.attn_q.bias" in names,
         "mlp_bias": "blk.0.ffn_up.bias" in names,
         "hidden_act": "silu",
     }
@@ -236,6 +244,9 @@ def gguf_config(reader, path) -> dict:
                               "'none' and 'linear' from GGUF")
     factors = next((t for t in reader.tensors if t.name == gguf_rope.TENSOR_NAME), None)
     if factors is not None:  # Llama 3.1 / 3.2: per-frequency divisors (gguf_rope.py)
+        if arch != "llama":
+            raise CheckpointError(f"{path}: tensor {gguf_rope.TENSOR_NAME!r} in a {arch!r} file: llama.cpp "
+                                  "applies these RoPE factors to llama-architecture files only")
         if scaling != "none":
             raise CheckpointError(f"{path}: both '{arch}.rope.scaling.type' and tensor "
                                   f"{gguf_rope.TENSOR_NAME!r} scale RoPE; minipeft reads one or the other")
@@ -272,13 +283,14 @@ def _dequantized(tensor, path) -> np.ndarray:
 
 
 def read_gguf(path) -> tuple[dict, dict[str, np.ndarray]]:
-    """``(config dict, {hf_name: float32 array})`` of a llama GGUF file, q/k rows in HF order."""
+    """``(config dict, {hf_name: float32 array})`` of a llama or qwen2 GGUF file, q/k rows in HF order."""
     path = Path(path)
     reader = open_gguf(path, arrays=False)  # the weights need no metadata array
     config = gguf_config(reader, path)
     blocks = config["num_hidden_layers"]
     if not isinstance(blocks, int) or not 0 < blocks <= len(reader.tensors) // len(_BLOCK_NAMES):
-        raise CheckpointError(f"{path}: 'llama.block_count' is {blocks!r}, but the file holds "
+        arch = metadata_value(reader, "general.architecture", path)
+        raise CheckpointError(f"{path}: '{arch}.block_count' is {blocks!r}, but the file holds "
                               f"{len(reader.tensors)} tensors ({len(_BLOCK_NAMES)} per block)")
     expected = expected_shapes(config)
     names = {}
@@ -326,7 +338,8 @@ def read_gguf(path) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def expected_shapes(config: dict) -> dict[str, tuple]:
-    """{hf name: shape} of every tensor a llama model of ``config`` has (biases as the config says)."""
+    """{hf name: shape} of every tensor a llama / qwen2 model of ``config`` has (biases as the config
+    and the model type say)."""
     hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     head_dim = config["head_dim"]
@@ -341,6 +354,7 @@ def expected_shapes(config: dict) -> dict[str, tuple]:
             shapes[f"model.layers.{layer}.{module}.weight"] = shape
             if "norm" in module:
                 continue
-            if (config["attention_bias"] and "self_attn" in module) or (config["mlp_bias"] and "mlp" in module):
+            qkv_bias = config["attention_bias"] or (config.get("model_type") == "qwen2" and module != "self_attn.o_proj")
+            if (qkv_bias and "self_attn" in module) or (config["mlp_bias"] and "mlp" in module):
                 shapes[f"model.layers.{layer}.{module}.bias"] = shape[:1]
     return shapes

@@ -1,9 +1,10 @@
-"""Writing GGUF: a model's state dict and config as a llama-architecture file llama.cpp reads.
+"""Writing GGUF: a model's state dict and config as a llama- (or qwen2-) architecture file llama.cpp reads.
 
-What ``convert_hf_to_gguf.py`` does for a Llama checkpoint, from minipeft's own tensors:
-llama.cpp names (:func:`.gguf.gguf_name`), q/k rows permuted to the interleaved RoPE order
-(:func:`.gguf.to_interleaved`), the ``llama.*`` hyperparameters, ``general.file_type``, and the
-tokenizer metadata (:mod:`.gguf_tokenizer`). Types: F32, F16, BF16 and the simple block types
+What ``convert_hf_to_gguf.py`` does for a Llama or Qwen2 checkpoint, from minipeft's own tensors:
+llama.cpp names (:func:`.gguf.gguf_name`), a llama's q/k rows permuted to the interleaved RoPE
+order (:func:`.gguf.to_interleaved`; Qwen2's stay as they are: llama.cpp rotates its halves), the
+``llama.*`` / ``qwen2.*`` hyperparameters, Llama 3's ``rope_freqs.weight`` (:mod:`.gguf_rope`),
+``general.file_type``, and the tokenizer metadata (:mod:`.gguf_tokenizer`). Types: F32, F16, BF16 and the simple block types
 gguf can quantise (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1). As in the converter, vectors (norms, biases)
 stay F32 and a matrix whose rows are not a whole number of blocks falls back to F16. The file
 appears atomically (written next to its place, then renamed).
@@ -21,8 +22,8 @@ from .gguf import _gguf, _rope_heads, gguf_name, to_interleaved
 from .gguf_rope import TENSOR_NAME as ROPE_FACTORS
 from .gguf_rope import llama3_divisors
 
-# Model types (config.json) written as llama-architecture GGUF: llama.cpp runs Mistral as llama.
-WRITABLE_MODEL_TYPES = ("llama", "mistral")
+# config.json's model_type -> the GGUF architecture written: llama.cpp runs Mistral as llama.
+WRITABLE_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 WRITABLE_TYPE_NAMES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 # llama.cpp's ``general.file_type`` (enum llama_ftype) for each type written.
 _FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}
@@ -63,7 +64,7 @@ def _encode(values: np.ndarray, kind: str, gguf):
 
 def write_gguf(path, config: dict, tensors: dict[str, np.ndarray], gguf_type: str = "f16",
                tokenizer_fields: dict | None = None, name: str | None = None) -> dict[str, str]:
-    """Write a llama-architecture GGUF that llama.cpp reads; returns {gguf tensor name: type written}.
+    """Write a llama- or qwen2-architecture GGUF that llama.cpp reads; returns {gguf tensor name: type written}.
 
     ``config`` is a ``config.json``-style dict (``model.config.to_dict()``), ``tensors`` the
     model's state dict in HF names and order, ``tokenizer_fields`` the ``tokenizer.*`` metadata
@@ -83,9 +84,12 @@ def write_gguf(path, config: dict, tensors: dict[str, np.ndarray], gguf_type: st
     if rope_type not in ("default", "linear", "llama3"):
         raise ConfigError(f"config rope_scaling type {rope_type!r} cannot be written to GGUF by minipeft "
                           "(supported: default, linear, llama3)")
+    arch = WRITABLE_MODEL_TYPES[model_type]
+    if rope_type == "llama3" and arch != "llama":  # llama.cpp's qwen2 graph reads no rope_freqs
+        raise ConfigError(f"config rope_scaling type 'llama3' cannot be written for a {model_type} model: "
+                          "llama.cpp applies it to llama-architecture files only")
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    arch = "llama"
     writer = gguf.GGUFWriter(None, arch)
     writer.add_name(name or "minipeft model")
     writer.add_file_type(_FILE_TYPE[kind])

@@ -109,7 +109,7 @@ def write_folder(folder: Path, like: Path, tensors: dict[str, np.ndarray]) -> Pa
 def convert(folder: Path, out: Path, qtype, arch: str = "llama", tokenizer: dict | None = None,
             extra_tensors: dict | None = None, skip_metadata: tuple = ()) -> Path:
     """Write HF model ``folder`` as GGUF the way convert_hf_to_gguf.py does (F32 vectors, ``qtype``
-    matrices, q/k permuted); ``tokenizer`` is extra key -> value metadata."""
+    matrices, llama's q/k permuted); ``tokenizer`` is extra key -> value metadata."""
     config, tensors = read_folder(folder)
     heads, kv = config["num_attention_heads"], config["num_key_value_heads"]
     w = gguf.GGUFWriter(str(out), arch)
@@ -127,7 +127,9 @@ def convert(folder: Path, out: Path, qtype, arch: str = "llama", tokenizer: dict
     w.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config["rms_norm_eps"])
     add_fields(w, tokenizer or {})
     for name, values in tensors.items():
-        if name.endswith("q_proj.weight"):
+        if arch != "llama":  # Qwen2Model has no permute: llama.cpp rotates its halves (NeoX RoPE)
+            pass
+        elif name.endswith("q_proj.weight"):
             values = permute(values, heads, heads)
         elif name.endswith("k_proj.weight"):
             values = permute(values, heads, kv)

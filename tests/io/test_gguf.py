@@ -103,6 +103,69 @@ def test_read_gguf_returns_config_and_hf_tensors(tmp_path, folders):
         np.testing.assert_array_equal(tensors[key], value, err_msg=key)
 
 
+# ----- Qwen2: q/k/v biases, q/k rows in transformers' order ------------------------------------
+QWEN2 = {
+    "qwen2": dict(SIZES, num_key_value_heads=2, tie_word_embeddings=False),
+    "qwen2_tied": dict(SIZES, num_key_value_heads=1, tie_word_embeddings=True),
+}
+
+
+@pytest.fixture(scope="module")
+def qwen2_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen2")
+    return {name: hf_checkpoint(root / name, seed=3, family="qwen2", **kw) for name, kw in QWEN2.items()}
+
+
+@pytest.mark.parametrize("name", list(QWEN2))
+def test_qwen2_gguf_gives_transformers_logits(tmp_path, qwen2_folders, name):
+    """convert_hf_to_gguf.py's Qwen2 layout (arch qwen2, q/k/v biases, rows not permuted) loads to
+    transformers' Qwen2 logits, as a qwen2 model."""
+    folder = qwen2_folders[name]
+    path = convert(folder, tmp_path / "q.gguf", Q.F32, arch="qwen2")  # Qwen2Config: no bos / eos ids
+    from_gguf = mp.LlamaForCausalLM.from_pretrained(path)
+    assert from_gguf.config.model_type == "qwen2" and from_gguf.config.qkv_bias and not from_gguf.config.o_bias
+    assert from_gguf.config == mp.LlamaForCausalLM.from_pretrained(folder).config
+    torch = pytest.importorskip("torch")
+    with torch.no_grad():
+        expected = hf_model(folder)(torch.tensor(IDS)).logits.numpy()
+    assert_logits_close(our_logits(from_gguf, IDS), expected, rtol=1e-5)
+
+
+def test_qwen2_gguf_without_its_biases_is_refused_by_name(tmp_path, qwen2_folders):
+    config, tensors = read_folder(qwen2_folders["qwen2"])
+    folder = write_folder(tmp_path / "nobias", qwen2_folders["qwen2"],
+                          {k: v for k, v in tensors.items() if not k.endswith("k_proj.bias")})
+    path = convert(folder, tmp_path / "q.gguf", Q.F32, arch="qwen2")
+    with pytest.raises(CheckpointError, match="'blk.0.attn_k.bias' is missing"):
+        mp.LlamaForCausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize("kind", ["f32", "q8_0"])
+def test_transformers_reads_the_qwen2_gguf_minipeft_writes(tmp_path, qwen2_folders, kind):
+    """minipeft writes a qwen2-architecture file with q/k rows unpermuted; transformers' own GGUF
+    loader gets minipeft's model from it, and so does minipeft."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = mp.LlamaForCausalLM.from_pretrained(qwen2_folders["qwen2"])
+    write_gguf(tmp_path / "q.gguf", model.config.to_dict(), model.state_dict(), kind)
+    reader = gguf.GGUFReader(tmp_path / "q.gguf")
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    if kind == "f32":
+        q = next(t for t in reader.tensors if t.name == "blk.1.attn_q.weight")
+        np.testing.assert_array_equal(np.asarray(q.data), model.state_dict()["model.layers.1.self_attn.q_proj.weight"])
+    ours = our_logits(mp.LlamaForCausalLM.from_pretrained(tmp_path / "q.gguf"), IDS)
+    major, minor = (int(v) for v in transformers.__version__.split(".")[:2])
+    dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="q.gguf",
+                                                               **{dtype_kw: torch.float32}).eval()
+    assert type(theirs).__name__ == "Qwen2ForCausalLM"
+    with torch.no_grad():
+        expected = theirs(torch.tensor(IDS)).logits.numpy()
+    assert_logits_close(ours, expected, rtol=1e-5)
+    if kind == "f32":
+        assert_logits_close(ours, our_logits(model, IDS), rtol=1e-6)
+
+
 # ----- Llama 3's RoPE scaling: the rope_freqs.weight tensor ------------------------------------
 LLAMA3 = {  # head_dim 16: 8 frequencies; wavelengths 2π·θ^(j/8)
     # Llama 3.2's numbers: one frequency in the band, found by trying Llama 3's published values
@@ -270,7 +333,10 @@ def test_rows_that_are_not_whole_blocks_fall_back_to_f16(tmp_path):
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(model_type="qwen2"), "model_type 'qwen2'"),
+    (dict(model_type="phi3"), "model_type 'phi3'"),
+    (dict(model_type="qwen2", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+     "llama-architecture files only"),
     (dict(rope_scaling={"rope_type": "yarn", "factor": 8.0}), "rope_scaling type 'yarn'"),
 ])
 def test_writer_refuses_what_it_cannot_write(tmp_path, change, match):

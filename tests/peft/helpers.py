@@ -150,13 +150,14 @@ def import_oracles():
     return torch, transformers, peft
 
 
-def hf_checkpoint(folder, seed: int = 0, **overrides):
-    """A tiny random LLaMA written by transformers itself (weights ~ N(0, 1/fan_in), norms
-    ~ 1 + N(0, 0.2²), biases ~ N(0, 0.2²), so logits are far from uniform)."""
+def hf_checkpoint(folder, seed: int = 0, family: str = "llama", **overrides):
+    """A tiny random LLaMA (or, ``family="qwen2"``, Qwen2) written by transformers itself (weights
+    ~ N(0, 1/fan_in), norms ~ 1 + N(0, 0.2²), biases ~ N(0, 0.2²), so logits are far from uniform)."""
     torch, transformers, _ = import_oracles()
-    config = transformers.LlamaConfig(**{**TINY, **overrides})
+    names = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[family]
+    config = getattr(transformers, names[0])(**{**TINY, **overrides})
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
+    model = getattr(transformers, names[1])(config)
     randomize_hf_weights(model, torch)
     model.save_pretrained(str(folder), safe_serialization=True)
     return folder
