@@ -1,14 +1,16 @@
 """Loading speed and peak memory: minipeft next to transformers, one process per measurement.
 
     python examples/benchmarks/bench_load.py [--model DIR_OR_GGUF ...] [--repeats 5] [--threads 1]
-                                             [--new-tokens 32] [--no-torch]
+                                             [--new-tokens 32] [--tasks load generate tokenizer] [--no-torch]
 
 For each model (default: the bundled stories260K; add e.g. a float32 safetensors folder of
 SmolLM2-135M, or a .gguf file for minipeft only) it runs two tasks:
 
 - ``load``: the time ``from_pretrained`` takes, and the process's peak RSS after it;
 - ``generate``: load, then greedy-decode ``--new-tokens`` tokens (batch 1, never stopping
-  early); its peak RSS.
+  early); its peak RSS;
+- ``tokenizer``: the time the tokenizer takes to load (``mp.Tokenizer.from_pretrained`` against
+  transformers' ``AutoTokenizer``; from a .gguf, the ``tokenizer.ggml.*`` metadata).
 
 Every measurement is a fresh child process (``--child``), so each peak is one load's own,
 and the frameworks alternate (minipeft, transformers, minipeft, ...) so a change in machine
@@ -35,7 +37,7 @@ import sys
 import time
 
 FRAMEWORKS = ("minipeft", "transformers")
-TASKS = ("load", "generate")
+TASKS = ("load", "generate", "tokenizer")
 
 
 def parse_args(argv=None):
@@ -45,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=["load", "generate"])
     p.add_argument("--no-torch", action="store_true", help="skip the transformers side")
     p.add_argument("--child", nargs=3, metavar=("FRAMEWORK", "TASK", "MODEL"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -75,7 +77,10 @@ def run_child(framework: str, task: str, model: str, new_tokens: int) -> dict:
 
         import_rss = _peak_rss_mb()
         start = time.perf_counter()
-        m = mp.LlamaForCausalLM.from_pretrained(model)
+        if task == "tokenizer":
+            mp.Tokenizer.from_pretrained(model)
+        else:
+            m = mp.LlamaForCausalLM.from_pretrained(model)
         seconds = time.perf_counter() - start
         if task == "generate":
             m.generate(np.array([[1]]), max_new_tokens=new_tokens, eos_token_id=-1)
@@ -85,7 +90,10 @@ def run_child(framework: str, task: str, model: str, new_tokens: int) -> dict:
 
         import_rss = _peak_rss_mb()
         start = time.perf_counter()
-        m = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+        if task == "tokenizer":
+            transformers.AutoTokenizer.from_pretrained(model)
+        else:
+            m = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
         seconds = time.perf_counter() - start
         if task == "generate":
             with torch.no_grad():

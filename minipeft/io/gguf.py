@@ -119,42 +119,70 @@ def _rope_heads(hf: str, config: dict) -> int | None:
 
 
 # ----- reading --------------------------------------------------------------------------------
-def _reader_without_arrays(gguf):
-    """A GGUFReader that steps over metadata arrays instead of building them. gguf makes two
-    NumPy views per string of ``tokenizer.ggml.tokens`` / ``merges`` (200k for a 49k vocabulary:
-    2 of the 3 s a SmolLM2 load took), and loading weights reads no array. A skipped field keeps
-    its key, types and length (``parts[4]``), but no items."""
+def _reader_class(gguf, decode_arrays: bool):
+    """A GGUFReader that reads metadata arrays with ``struct`` instead of gguf's NumPy views.
+
+    gguf makes two NumPy views per string of ``tokenizer.ggml.tokens`` / ``merges`` (200k for a
+    49k vocabulary): 2 of the 3 s a SmolLM2 model load took, and about 2 s of its tokenizer's.
+    Here an array field keeps its key, types and length (``parts[4]``) but no parts; with
+    ``decode_arrays`` its items are decoded straight into a Python list (``reader.arrays[key]``,
+    what :func:`metadata_value` returns), else they are skipped (loading weights reads no array)."""
     kinds = gguf.GGUFValueType
 
-    class ReaderWithoutArrays(gguf.GGUFReader):
+    class FastArrayReader(gguf.GGUFReader):
+        def __init__(self, path):
+            self.arrays_at: dict = {}  # value offset -> list (or the error decoding it), during parsing
+            super().__init__(path)
+            self.arrays = {}
+            for name, field in self.fields.items():
+                if name.startswith("GGUF."):  # the header's own fields: no key bytes
+                    continue
+                value_at = field.offset + 8 + int(field.parts[0][0]) + 4  # after key length, key, type
+                if value_at in self.arrays_at:
+                    self.arrays[name] = self.arrays_at.pop(value_at)
+
         def _get_field_parts(self, orig_offs, raw_type):
             item = kinds(self._get(orig_offs, np.uint32)[0]) if kinds(raw_type) == kinds.ARRAY else None
             if item is None or (item != kinds.STRING and item not in self.gguf_scalar_to_np):
                 return super()._get_field_parts(orig_offs, raw_type)
             raw_item, count = self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)
-            offs = orig_offs + 12
+            big = self.endianess != gguf.GGUFEndian.LITTLE
+            raw, offs, n = memoryview(self.data), orig_offs + 12, int(count[0])
             if item == kinds.STRING:  # walk the lengths: struct on the raw bytes, no array per string
-                raw, length = memoryview(self.data), "<Q" if self.endianess == gguf.GGUFEndian.LITTLE else ">Q"
-                for _ in range(int(count[0])):
-                    offs += 8 + struct.unpack_from(length, raw, offs)[0]
+                length, strings = ">Q" if big else "<Q", []
+                for _ in range(n):
+                    size = struct.unpack_from(length, raw, offs)[0]
+                    if decode_arrays:
+                        strings.append(raw[offs + 8:offs + 8 + size])
+                    offs += 8 + size
+                if offs > len(self.data):
+                    raise ValueError(f"a metadata array runs past the end of the file (byte {offs})")
+                if decode_arrays:
+                    try:
+                        self.arrays_at[orig_offs] = [str(piece, encoding="utf-8") for piece in strings]
+                    except UnicodeDecodeError as exc:  # reported when the key is asked for, as gguf would
+                        self.arrays_at[orig_offs] = exc
             else:
-                offs += int(count[0]) * np.dtype(self.gguf_scalar_to_np[item]).itemsize
-            if offs > len(self.data):
-                raise ValueError(f"a metadata array runs past the end of the file (byte {offs})")
+                dtype = np.dtype(self.gguf_scalar_to_np[item]).newbyteorder(">" if big else "<")
+                offs += n * dtype.itemsize
+                if offs > len(self.data):
+                    raise ValueError(f"a metadata array runs past the end of the file (byte {offs})")
+                if decode_arrays:
+                    self.arrays_at[orig_offs] = np.frombuffer(raw[orig_offs + 12:offs], dtype).tolist()
             return offs - orig_offs, [raw_item, count], [], [kinds.ARRAY, item]
 
-    return ReaderWithoutArrays
+    return FastArrayReader
 
 
 def open_gguf(path, arrays: bool = True):
     """A ``gguf.GGUFReader`` on ``path``; any parse failure becomes a CheckpointError naming the file.
-    ``arrays=False``: metadata arrays (the tokenizer's) are skipped, not read (see above)."""
+    Metadata arrays (the tokenizer's) are decoded fast (see above); ``arrays=False`` skips them."""
     gguf = _gguf()
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file")
     try:
-        return (gguf.GGUFReader if arrays else _reader_without_arrays(gguf))(path)
+        return _reader_class(gguf, decode_arrays=arrays)(path)
     except (OSError, MemoryError) as exc:
         raise CheckpointError(f"{path}: cannot read GGUF file: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - gguf raises ValueError, KeyError, IndexError ... on bad bytes
@@ -166,6 +194,11 @@ def metadata_value(reader, key: str, path, default=None):
     field = reader.fields.get(key)
     if field is None:
         return default
+    decoded = getattr(reader, "arrays", {}).get(key)  # an array open_gguf decoded
+    if isinstance(decoded, Exception):
+        raise CheckpointError(f"{path}: metadata {key!r} is unreadable ({decoded})")
+    if decoded is not None:
+        return decoded
     try:
         return field.contents()
     except Exception as exc:  # noqa: BLE001 - malformed strings / arrays

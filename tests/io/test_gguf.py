@@ -229,6 +229,50 @@ def test_llama3_rope_factors_round_trip_through_the_writer(tmp_path, llama3_fold
     assert_logits_close(our_logits(back, IDS), our_logits(model, IDS), rtol=1e-6)
 
 
+# ----- metadata arrays: read with struct, the same values as gguf's reader --------------------
+@pytest.mark.parametrize("endian", ["LITTLE", "BIG"])
+def test_metadata_arrays_read_as_ggufs_reader_reads_them(tmp_path, endian):
+    from minipeft.io.gguf import metadata_value, open_gguf
+    path = tmp_path / "a.gguf"
+    w = gguf.GGUFWriter(str(path), "llama", endianess=getattr(gguf.GGUFEndian, endian))
+    w.add_array("t.strings", ["a", "", "Ġthe", "é🙂", "x y"])
+    w.add_array("t.ints", [0, -3, 2**31 - 1])
+    w.add_array("t.floats", [0.5, -1e-5, 3.25])
+    w.add_array("t.bools", [True, False, True])
+    w.add_array("t.empty_strings", [""])
+    w.add_string("t.scalar", "plain")
+    w.add_uint32("t.count", 7)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    theirs = gguf.GGUFReader(path)
+    for arrays in (True, False):
+        reader = open_gguf(path, arrays=arrays)
+        for key, field in theirs.fields.items():
+            if key.startswith("GGUF.") or (not arrays and field.types[0] == gguf.GGUFValueType.ARRAY):
+                continue
+            got = metadata_value(reader, key, path)
+            assert got == field.contents() and type(got) is type(field.contents()), key
+        assert reader.fields["t.strings"].parts[4][0] == 5  # the length is kept either way
+
+
+def test_a_metadata_string_that_is_not_utf8_is_named_when_read(tmp_path):
+    from minipeft.io.gguf import metadata_value, open_gguf
+    path = tmp_path / "u.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_array("t.strings", ["ok", "zz"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = path.read_bytes().replace(b"zz", b"\xff\xfe")
+    path.write_bytes(data)
+    reader = open_gguf(path)  # opening works; the bad array is an error when it is asked for
+    with pytest.raises(CheckpointError, match=r"metadata 't.strings' is unreadable"):
+        metadata_value(reader, "t.strings", path)
+
+
 # ----- refusals -------------------------------------------------------------------------------
 def test_unsupported_architecture_is_refused_by_name(tmp_path, folders):
     path = convert(folders["gqa"], tmp_path / "m.gguf", Q.F32, arch="gemma")

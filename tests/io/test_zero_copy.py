@@ -228,16 +228,19 @@ def test_gguf_reader_without_arrays_agrees_on_everything_else(tmp_path_factory, 
     path = tokenizer_only(tmp_path_factory.mktemp("g") / "t.gguf", {
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
         "tokenizer.ggml.scores": scores, "tokenizer.ggml.bos_token_id": 1, "general.name": "after the arrays"})
-    full, skipping = open_gguf(path), open_gguf(path, arrays=False)
-    assert list(full.fields) == list(skipping.fields)
-    for key, field in full.fields.items():
-        other = skipping.fields[key]
-        assert (other.offset, other.types) == (field.offset, field.types)
-        if field.types[0] == gguf.GGUFValueType.ARRAY:  # length kept, items not read
-            assert int(other.parts[4][0]) == len(field.data) and other.data == []
-        else:
-            assert other.contents() == field.contents()
-    assert skipping.data_offset == full.data_offset
+    full = gguf.GGUFReader(path)  # gguf's own reader, arrays as NumPy views
+    for decoded in (True, False):
+        fast = open_gguf(path, arrays=decoded)
+        assert list(full.fields) == list(fast.fields)
+        for key, field in full.fields.items():
+            other = fast.fields[key]
+            assert (other.offset, other.types) == (field.offset, field.types)
+            if field.types[0] == gguf.GGUFValueType.ARRAY:  # length kept, parts not built
+                assert int(other.parts[4][0]) == len(field.data) and other.data == []
+                assert fast.arrays.get(key) == (field.contents() if decoded else None)
+            else:
+                assert other.contents() == field.contents()
+        assert fast.data_offset == full.data_offset
 
 
 def test_gguf_reader_without_arrays_refuses_an_array_past_the_end(tmp_path):
