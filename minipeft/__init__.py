@@ -13,7 +13,7 @@ from .autograd import Tensor, no_grad
 from .data import bundled_model_path
 from .errors import CheckpointError, ConfigError, DataError, DeviceError, InputError, MiniPeftError
 from .io.tokenizer import Tokenizer
-from .models import KVCache, LlamaConfig, LlamaForCausalLM
+from .models import KVCache, LlamaConfig, LlamaForCausalLM, PromptCache
 from .peft.additive.proxy_tuning import ProxyTuning
 from .profiler import profile_step
 from .threads import get_num_threads, set_num_threads
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "DeviceError", "InputError", "KVCache", "LlamaConfig",
-    "LlamaForCausalLM", "MiniPeftError", "ProxyTuning", "Tensor", "Tokenizer", "bundled_model_path", "no_grad", "peft",
+    "LlamaForCausalLM", "MiniPeftError", "PromptCache", "ProxyTuning", "Tensor", "Tokenizer", "bundled_model_path", "no_grad", "peft",
     "profile_step",
     "get_num_threads", "set_num_threads", "train",
 ]

@@ -55,6 +55,32 @@ def test_two_turns_keep_the_history_and_reset_forgets_it(capsys, monkeypatch, bu
     assert "(history cleared)" in err and "Traceback" not in err
 
 
+def test_later_turns_run_only_their_new_tokens(capsys, monkeypatch, bundled):
+    """The conversation's keys and values stay between turns (PromptCache): turn 2 computes its
+    new message, not the history; the replies are the fresh ones (the test above)."""
+    turns = []  # (prompt tokens, tokens taken from the cache) per turn
+
+    class Recording(mp.PromptCache):
+        def next_logits(self, model, ids, *args):
+            step = super().next_logits(model, ids, *args)
+
+            def first_records(*step_args):
+                out = step(*step_args)
+                if len(turns) < calls[0]:
+                    turns.append((ids.shape[1], self.reused))
+                return out
+
+            calls[0] += 1
+            return first_records
+
+    calls = [0]
+    monkeypatch.setattr("minipeft.cli.chat.PromptCache", Recording)
+    code, out, err = chat(capsys, monkeypatch, "Hello there.\nTell me about the cat.\n", "--max-new-tokens", "24")
+    assert code == 0, err
+    (first_len, first_reused), (second_len, second_reused) = turns
+    assert first_reused == 0 and first_len < second_reused < second_len
+
+
 def test_exit_and_end_of_input_end_the_chat(capsys, monkeypatch, bundled):
     model, tok = bundled
     code, out, _ = chat(capsys, monkeypatch, "Hi\n/exit\nnot read\n", "--max-new-tokens", "8")

@@ -3,9 +3,12 @@
 Each line read from stdin is one user message; the whole conversation so far is
 rendered with the model's chat template (``Tokenizer.apply_chat_template``, with the
 generation prompt) and the reply is generated from it, streamed to stdout as it is
-decoded, and kept in the history as the assistant's message. Like llama.cpp's
-``llama-cli`` conversation mode, the history is re-read every turn (no KV cache is kept
-between turns: simple, and a turn costs one prompt pass).
+decoded, and kept in the history as the assistant's message. The keys and values of the
+conversation stay in a :class:`~minipeft.models.prompt_cache.PromptCache` between turns, as
+llama.cpp's ``llama-cli`` keeps its cache: a turn runs the model on the tokens that are new
+(the user's message, and whatever of the last reply the template renders differently), not on
+the whole history again. Proxy-tuning and adapters with virtual tokens (prompt / prefix tuning)
+re-read the history every turn.
 
 Commands: ``/reset`` clears the history (the ``--system`` message stays), ``/exit`` or
 end of input (Ctrl-D) ends, Ctrl-C during a reply stops that reply and forgets its turn.
@@ -20,12 +23,21 @@ import sys
 
 from ..errors import InputError
 from ..io.tokenizer import Tokenizer
+from ..models import LlamaForCausalLM, PromptCache
+from ..peft import PeftModel
 from .common import add_model_option, say
 from .generate import (add_adapter_options, add_sampling_options, base_model_folder, chat_ids, chat_stop_ids,
                        check_decoding, decoding_kwargs, load_model, run_generation)
 from .streaming import TextStream, one_line_warnings
 
 COMMANDS = "/reset clears the history, /exit or Ctrl-D ends"
+
+
+def is_plain_decoder(model) -> bool:
+    """Whether a PromptCache can serve the model: one decoder whose forward reads the tokens alone."""
+    if isinstance(model, PeftModel):
+        return model.virtual_token_adapter() is None
+    return isinstance(model, LlamaForCausalLM)
 
 
 def add_parser(sub) -> None:
@@ -47,6 +59,8 @@ def run(args) -> int:
     tokenizer = Tokenizer.from_pretrained(folder)
     kwargs["eos_token_id"] = chat_stop_ids(model, tokenizer)
     limit = model.config.max_position_embeddings
+    if is_plain_decoder(model):
+        kwargs["prompt_cache"] = PromptCache()
     start = [{"role": "system", "content": args.system}] if args.system is not None else []
     messages = list(start)
     say(f"chatting with {folder}{' + ' + args.adapter if args.adapter else ''}; {COMMANDS}")

@@ -302,17 +302,22 @@ def decode(next_logits, ids: np.ndarray, mask: np.ndarray, stop: set[int], pad: 
     return out
 
 
-def _prepare(model, input_ids, attention_mask, eos_token_id, pad_token_id, use_cache):
+def _prepare(model, input_ids, attention_mask, eos_token_id, pad_token_id, use_cache, prompt_cache=None,
+             num_return_sequences: int = 1):
     ids, mask = check_prompt(input_ids, attention_mask)
     stop = stop_ids_of(model, eos_token_id)
-    return model_step(model, use_cache), ids, mask, stop, pad_id_of(model, stop, pad_token_id)
+    if prompt_cache is None:
+        step = model_step(model, use_cache)
+    else:
+        step = prompt_cache.next_logits(model, ids, mask, num_return_sequences, use_cache)
+    return step, ids, mask, stop, pad_id_of(model, stop, pad_token_id)
 
 
 def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 64, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, seed=None, eos_token_id=None,
              pad_token_id: int | None = None, use_cache: bool = True, *, do_sample: bool | None = None,
              repetition_penalty: float = 1.0, num_return_sequences: int = 1, streamer=None,
-             past_max_positions: str = "warn") -> np.ndarray:
+             past_max_positions: str = "warn", prompt_cache=None) -> np.ndarray:
     """Return host ids (B·n, T + k) with k ≤ ``max_new_tokens`` new tokens per row.
 
     The arguments mean what they mean in transformers' ``generate`` (greedy unless
@@ -320,9 +325,12 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 64, te
     docstring). Generation ends early when every row has produced a stop id. With
     ``use_cache=False`` every step recomputes the whole sequence (slow; the reference
     the KV cache is tested against). ``streamer``: a callable given each step's new ids
-    (B·n,), or an object with transformers' ``put`` / ``end``.
+    (B·n,), or an object with transformers' ``put`` / ``end``. ``prompt_cache``: a
+    :class:`~minipeft.models.prompt_cache.PromptCache` kept across calls, so a prompt that
+    repeats the previous call's tokens (a chat's history) is not computed again.
     """
-    step, ids, mask, stop, pad = _prepare(model, input_ids, attention_mask, eos_token_id, pad_token_id, use_cache)
+    step, ids, mask, stop, pad = _prepare(model, input_ids, attention_mask, eos_token_id, pad_token_id, use_cache,
+                                          prompt_cache, num_return_sequences)
     return decode(step, ids, mask, stop, pad, max_new_tokens, temperature, top_k, top_p, seed, use_cache,
                   streamer=streamer, do_sample=do_sample, repetition_penalty=repetition_penalty,
                   num_return_sequences=num_return_sequences, past_max_positions=past_max_positions,
@@ -330,13 +338,15 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 64, te
 
 
 def stream(model, input_ids, attention_mask=None, max_new_tokens: int = 64, eos_token_id=None,
-           pad_token_id: int | None = None, use_cache: bool = True, **options):
+           pad_token_id: int | None = None, use_cache: bool = True, prompt_cache=None, **options):
     """:func:`generate` as a generator: yields each step's new ids, host (B·n,), as they are chosen.
 
     ``options`` are :func:`generate`'s (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
-    ``repetition_penalty``, ``num_return_sequences``, ``seed``, ``past_max_positions``).
+    ``repetition_penalty``, ``num_return_sequences``, ``seed``, ``past_max_positions``) and
+    ``prompt_cache`` is :func:`generate`'s.
     """
-    step, ids, mask, stop, pad = _prepare(model, input_ids, attention_mask, eos_token_id, pad_token_id, use_cache)
+    step, ids, mask, stop, pad = _prepare(model, input_ids, attention_mask, eos_token_id, pad_token_id, use_cache,
+                                          prompt_cache, options.get("num_return_sequences", 1))
     steps = iter_decode(step, ids, mask, stop, pad, max_new_tokens, use_cache=use_cache,
                         max_positions=model.config.max_position_embeddings, **options)  # checks the options now
     return (chosen for chosen, _ in steps)

@@ -51,6 +51,13 @@ class KVCache:
         """Mark ``steps`` more positions as stored (after every layer has written them)."""
         self.length += steps
 
+    def truncate(self, length: int) -> None:
+        """Keep the first ``length`` positions (the rest is overwritten by the next update)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+        self.graph = [None] * len(self.graph)
+
     def _grow(self, layer, k, needed):
         """Replace ``layer``'s buffers by larger ones (doubling), keeping what is stored."""
         xp = get_array_module(k.data)
