@@ -27,16 +27,21 @@ from .kv_cache import KVCache
 class PromptCache:
     """Pass the same object to successive ``generate`` / ``stream`` calls of one model.
 
-    ``reused``: how many prompt tokens the last call took from the cache instead of computing."""
+    ``reused``: how many prompt tokens the last call took from the cache instead of computing.
+    The keys and values are the model's as it was: after changing its weights (a training step,
+    ``merge_adapter``, another active adapter) call :meth:`clear`. Another model, or the same one
+    moved to another device, starts the cache afresh by itself."""
 
     def __init__(self):
         self.model = None  # the model whose keys and values are held
+        self.device = None  # and where it ran
         self.cache: KVCache | None = None
         self.ids = np.zeros(0, dtype=np.int64)  # the tokens the cache holds, in position order
         self.reused = 0
 
     def clear(self) -> None:
-        self.model, self.cache, self.ids, self.reused = None, None, np.zeros(0, dtype=np.int64), 0
+        self.model, self.device, self.cache = None, None, None
+        self.ids, self.reused = np.zeros(0, dtype=np.int64), 0
 
     def next_logits(self, model, ids: np.ndarray, mask: np.ndarray, num_return_sequences: int, use_cache: bool):
         """The next-token-logits callback of :func:`.generation.decode` for ``model`` on this cache,
@@ -52,9 +57,10 @@ class PromptCache:
         if virtual is not None and virtual() is not None:
             raise InputError("prompt_cache cannot serve an adapter with virtual tokens (prompt / prefix tuning): "
                              "they sit in the cache before the prompt")
-        if model is not self.model:
+        device = getattr(model, "device", None)
+        if model is not self.model or device != self.device:
             self.clear()
-            self.model, self.cache = model, KVCache(model.config.num_hidden_layers)
+            self.model, self.device, self.cache = model, device, KVCache(model.config.num_hidden_layers)
         first = True
 
         def step(step_ids: np.ndarray, step_mask: np.ndarray, positions: np.ndarray) -> np.ndarray:

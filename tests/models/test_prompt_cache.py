@@ -103,3 +103,15 @@ def test_kv_cache_truncate_keeps_a_prefix_and_checks_its_bounds():
     for bad in (-1, 3):
         with pytest.raises(ValueError, match="truncate"):
             cache.truncate(bad)
+
+
+def test_clear_after_the_weights_change(random_model):
+    """Keys and values are the model's as it was; after a weight change, clear() starts afresh."""
+    model, cache = random_model(seed=6), mp.PromptCache()
+    prompt = np.array([[5, 9, 2, 7, 1]])
+    model.generate(prompt, max_new_tokens=2, prompt_cache=cache)
+    model.model.layers[0].self_attn.k_proj.weight.data *= 2  # a changed model
+    cache.clear()
+    np.testing.assert_array_equal(model.generate(prompt, max_new_tokens=4, prompt_cache=cache),
+                                  model.generate(prompt, max_new_tokens=4))
+    assert cache.reused == 0
