@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "DeviceError", "InputError", "KVCache", "LlamaConfig",
-    "LlamaForCausalLM", "MiniPeftError", "PromptCache", "ProxyTuning", "Tensor", "Tokenizer", "bundled_model_path", "no_grad", "peft",
-    "profile_step",
+    "LlamaForCausalLM", "MiniPeftError", "PromptCache", "ProxyTuning", "Tensor", "Tokenizer", "bundled_model_path",
+    "no_grad", "peft", "profile_step",
     "get_num_threads", "set_num_threads", "train",
 ]

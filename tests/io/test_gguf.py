@@ -223,7 +223,8 @@ def test_llama3_rope_factors_round_trip_through_the_writer(tmp_path, llama3_fold
     reader = gguf.GGUFReader(tmp_path / "w.gguf")
     written = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
     assert written.tensor_type.name == "F32"
-    np.testing.assert_array_equal(np.asarray(written.data), llama3_rope_factors(read_folder(llama3_folders["fitted"])[0]))
+    converters = llama3_rope_factors(read_folder(llama3_folders["fitted"])[0])
+    np.testing.assert_array_equal(np.asarray(written.data), converters)
     back = mp.LlamaForCausalLM.from_pretrained(tmp_path / "w.gguf")
     assert (back.config.rope_scaling, back.config.rope_theta) == (LLAMA3["fitted"]["rope_scaling"], 10000.0)
     assert_logits_close(our_logits(back, IDS), our_logits(model, IDS), rtol=1e-6)
@@ -296,8 +297,8 @@ def test_rope_factors_that_are_not_llama3s_are_refused_by_name(tmp_path, folders
         (np.ones(head_dim // 2 + 1, np.float32), Q.F32, {}, "needs 8"),
         (np.full(head_dim // 2, 0.5, np.float32), Q.F32, {}, "divisors >= 1"),
         (np.ones(head_dim // 2, np.float16), Q.F16, {}, "stored as F16"),
-        (np.ones(head_dim // 2, np.float32), Q.F32, {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2},
-         "one or the other"),
+        (np.ones(head_dim // 2, np.float32), Q.F32,
+         {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2}, "one or the other"),
     ]
     for i, (values, kind, fields, match) in enumerate(cases):
         path = convert(folders["gqa"], tmp_path / f"m{i}.gguf", Q.F32, tokenizer=fields,
