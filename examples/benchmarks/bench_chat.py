@@ -64,8 +64,9 @@ def main() -> None:
         for way in ("cache", "fresh"):
             rows, total = one_chat(model, tokenizer, args.max_new_tokens, mp.PromptCache() if way == "cache" else None)
             replies.setdefault(way, [r for _, _, r in rows])
-            print(f"round {round_ + 1} {way:5}: prompt tokens {' '.join(str(n) for n, _, _ in rows)}; first token after "
-                  f"{' '.join(f'{s:.3f}' for _, s, _ in rows)} s; whole chat {total:.2f} s")
+            lengths, firsts = " ".join(str(n) for n, _, _ in rows), " ".join(f"{s:.3f}" for _, s, _ in rows)
+            print(f"round {round_ + 1} {way:5}: prompt tokens {lengths}; first token after {firsts} s; "
+                  f"whole chat {total:.2f} s")
     print("same replies both ways:", replies["cache"] == replies["fresh"])
 
 

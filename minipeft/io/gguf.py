@@ -387,7 +387,7 @@ def expected_shapes(config: dict) -> dict[str, tuple]:
             shapes[f"model.layers.{layer}.{module}.weight"] = shape
             if "norm" in module:
                 continue
-            qkv_bias = config["attention_bias"] or (config.get("model_type") == "qwen2" and module != "self_attn.o_proj")
-            if (qkv_bias and "self_attn" in module) or (config["mlp_bias"] and "mlp" in module):
+            qwen2_qkv = config.get("model_type") == "qwen2" and module != "self_attn.o_proj"
+            if ((config["attention_bias"] or qwen2_qkv) and "self_attn" in module) or (config["mlp_bias"] and "mlp" in module):
                 shapes[f"model.layers.{layer}.{module}.bias"] = shape[:1]
     return shapes

@@ -5,9 +5,9 @@ llama.cpp names (:func:`.gguf.gguf_name`), a llama's q/k rows permuted to the in
 order (:func:`.gguf.to_interleaved`; Qwen2's stay as they are: llama.cpp rotates its halves), the
 ``llama.*`` / ``qwen2.*`` hyperparameters, Llama 3's ``rope_freqs.weight`` (:mod:`.gguf_rope`),
 ``general.file_type``, and the tokenizer metadata (:mod:`.gguf_tokenizer`). Types: F32, F16, BF16
-and the simple block types gguf can quantise (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1). As in the converter, vectors (norms, biases)
-stay F32 and a matrix whose rows are not a whole number of blocks falls back to F16. The file
-appears atomically (written next to its place, then renamed).
+and the simple block types gguf can quantise (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1). As in the converter,
+vectors (norms, biases) stay F32 and a matrix whose rows are not a whole number of blocks falls back
+to F16. The file appears atomically (written next to its place, then renamed).
 """
 from __future__ import annotations
 
