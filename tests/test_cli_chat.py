@@ -81,6 +81,21 @@ def test_later_turns_run_only_their_new_tokens(capsys, monkeypatch, bundled):
     assert first_reused == 0 and first_len < second_reused < second_len
 
 
+def test_stop_ends_each_reply_at_its_string(capsys, monkeypatch, bundled):
+    model, tok = bundled
+    code, out, err = chat(capsys, monkeypatch, "Hello there.\n", "--max-new-tokens", "40", "--stop", ".")
+    assert code == 0, err
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        text = tok.apply_chat_template([{"role": "user", "content": "Hello there."}], add_generation_prompt=True)
+    ids = tok.encode(text, add_special_tokens=False)
+    stop = sorted({*stop_ids_of(model), tok.eos_token_id})
+    reply = model.generate(np.array([ids]), max_new_tokens=40, eos_token_id=stop, stop_strings=["."], tokenizer=tok)
+    expected = tok.decode(reply[0, len(ids):])
+    assert out == expected + "\n" and expected.endswith(".")
+    assert len(expected) < len(api_reply(model, tok, [{"role": "user", "content": "Hello there."}], 40))
+
+
 def test_exit_and_end_of_input_end_the_chat(capsys, monkeypatch, bundled):
     model, tok = bundled
     code, out, _ = chat(capsys, monkeypatch, "Hi\n/exit\nnot read\n", "--max-new-tokens", "8")

@@ -51,6 +51,7 @@ def test_top_p_zero_is_refused_instead_of_printing_unk_tokens(capsys):
     (("--num-return-sequences", "0"), "--num-return-sequences"),
     (("--num-return-sequences", "2"), "--num-return-sequences"),  # greedy: every copy the same
     (("--do-sample", "--temperature", "0"), "--temperature"),
+    (("--stop", ""), "--stop"),
 ])
 def test_bad_decoding_flags_are_one_line_errors(capsys, flags, flag):
     one_line_error(*run(capsys, "generate", "--prompt", "Once", *flags), flag)
@@ -76,6 +77,17 @@ def test_repetition_penalty_flag_gives_the_apis_text(capsys, bundled):
     penalized = tok.decode(model.generate(np.array([ids]), max_new_tokens=60, repetition_penalty=1.3)[0])
     assert out == penalized + "\n"
     assert penalized != tok.decode(model.generate(np.array([ids]), max_new_tokens=60)[0])
+
+
+def test_stop_flags_end_the_text_as_the_apis_stop_strings(capsys, bundled):
+    model, tok = bundled
+    code, out, _ = run(capsys, "generate", "--prompt", "Once upon a time", "--max-new-tokens", "60",
+                       "--stop", "Lily", "--stop", "park")
+    assert code == 0
+    ids = tok.encode("Once upon a time")
+    stopped = model.generate(np.array([ids]), max_new_tokens=60, stop_strings=["Lily", "park"], tokenizer=tok)
+    assert out == tok.decode(stopped[0]) + "\n" and out.rstrip("\n").endswith("Lily")
+    assert len(out) < len(tok.decode(model.generate(np.array([ids]), max_new_tokens=60)[0]))
 
 
 def test_num_return_sequences_prints_one_sampled_line_each(capsys, bundled):

@@ -57,6 +57,7 @@ def run(args) -> int:
     folder = base_model_folder(args)
     model = load_model(args, folder)
     tokenizer = Tokenizer.from_pretrained(folder)
+    kwargs["tokenizer"] = tokenizer  # decodes for --stop
     kwargs["eos_token_id"] = chat_stop_ids(model, tokenizer)
     limit = model.config.max_position_embeddings
     if is_plain_decoder(model):

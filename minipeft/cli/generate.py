@@ -22,6 +22,7 @@ from ..errors import InputError
 from ..io.checkpoint import read_json
 from ..io.tokenizer import Tokenizer
 from ..models import LlamaForCausalLM
+from ..models.stop_strings import checked_stop_strings
 from ..models.generation import decoding_options, stop_ids_of
 from .common import add_model_option, model_folder, say
 from .streaming import TextStream, continuation_text, one_line_warnings
@@ -29,7 +30,8 @@ from .streaming import TextStream, continuation_text, one_line_warnings
 # generate()'s argument for each flag, so errors speak in flags (the CLI user never saw the names)
 FLAG_OF = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_k": "--top-k",
            "top_p": "--top-p", "repetition_penalty": "--repetition-penalty", "do_sample": "--do-sample",
-           "num_return_sequences": "--num-return-sequences", "past_max_positions": "--past-max-positions"}
+           "num_return_sequences": "--num-return-sequences", "past_max_positions": "--past-max-positions",
+           "stop_strings": "--stop"}
 
 
 def add_parser(sub) -> None:
@@ -74,6 +76,9 @@ def add_sampling_options(p, max_new_tokens: int = 256) -> None:
                    help="N sampled continuations, one per line")
     g.add_argument("--past-max-positions", choices=("warn", "stop"), default="warn",
                    help="past the model's max_position_embeddings: warn and go on, or stop")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="end the text once it contains TEXT, which stays in it (repeatable; transformers' "
+                        "stop_strings)")
     g.add_argument("--seed", type=int, default=None)
 
 
@@ -82,7 +87,7 @@ def decoding_kwargs(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                 top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                 num_return_sequences=args.num_return_sequences, past_max_positions=args.past_max_positions,
-                seed=args.seed)
+                seed=args.seed, stop_strings=args.stop)
 
 
 def in_flags(message: str) -> str:
@@ -97,7 +102,10 @@ def check_decoding(kwargs: dict) -> None:
     """Refuse bad decoding flags, and warn about ignored ones, before anything is printed."""
     try:
         with one_line_warnings(in_flags):
-            decoding_options(**{k: v for k, v in kwargs.items() if k not in ("seed", "past_max_positions")})
+            decoding_options(**{k: v for k, v in kwargs.items()
+                                if k not in ("seed", "past_max_positions", "stop_strings")})
+            if kwargs.get("stop_strings") is not None:
+                checked_stop_strings(kwargs["stop_strings"])
     except InputError as exc:
         raise InputError(in_flags(str(exc))) from None
 
@@ -210,6 +218,7 @@ def run(args) -> int:
     folder = base_model_folder(args)
     model = load_model(args, folder)
     tokenizer = Tokenizer.from_pretrained(folder)
+    kwargs["tokenizer"] = tokenizer  # decodes for --stop
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system is not None else [])
         ids = chat_ids(tokenizer, messages + [{"role": "user", "content": args.prompt}])

@@ -65,6 +65,7 @@ from ..autograd.tensor import no_grad
 from ..backend import random_generator, to_numpy
 from ..errors import InputError
 from .kv_cache import KVCache
+from .stop_strings import StopStrings
 
 TRANSFORMERS_TOP_K = 50  # GenerationConfig's default top_k, used with do_sample=True
 PAST_MAX_POSITIONS = ("warn", "stop")
@@ -229,7 +230,8 @@ def _window_check(mask: np.ndarray, max_positions: int | None, policy: str, use_
 def iter_decode(next_logits, ids: np.ndarray, mask: np.ndarray, stop: set[int], pad: int, max_new_tokens: int = 64,
                 temperature=None, top_k: int | None = None, top_p: float | None = None, seed=None,
                 use_cache: bool = True, *, do_sample=None, repetition_penalty: float = 1.0,
-                num_return_sequences: int = 1, max_positions: int | None = None, past_max_positions: str = "warn"):
+                num_return_sequences: int = 1, max_positions: int | None = None, past_max_positions: str = "warn",
+                stop_strings=None, tokenizer=None):
     """The decoding loop as a generator: yields (new ids (B·n,), all ids (B·n, T + k)) per step.
 
     ``next_logits(step_ids, mask, positions)`` returns host logits (B, V) of the last
@@ -243,14 +245,16 @@ def iter_decode(next_logits, ids: np.ndarray, mask: np.ndarray, stop: set[int], 
                                max_new_tokens)
     if past_max_positions not in PAST_MAX_POSITIONS:
         raise InputError(f"past_max_positions must be one of {PAST_MAX_POSITIONS}, got {past_max_positions!r}")
+    stopper = StopStrings(stop_strings, tokenizer) if stop_strings is not None else None
     if num_return_sequences > 1:
         ids, mask = np.repeat(ids, num_return_sequences, axis=0), np.repeat(mask, num_return_sequences, axis=0)
     # Checked here, before the first step: a plain function returning the generator below.
     return _steps(next_logits, ids, mask, stop, pad, max_new_tokens, options, random_generator(seed), use_cache,
-                  max_positions, past_max_positions)
+                  max_positions, past_max_positions, stopper)
 
 
-def _steps(next_logits, ids, mask, stop, pad, max_new_tokens, options, rng, use_cache, max_positions, policy):
+def _steps(next_logits, ids, mask, stop, pad, max_new_tokens, options, rng, use_cache, max_positions, policy,
+           stopper=None):
     batch = ids.shape[0]
     finished = np.zeros(batch, dtype=bool)
     seen = None  # (B, V) bool: tokens already in each row, for the repetition penalty
@@ -276,9 +280,12 @@ def _steps(next_logits, ids, mask, stop, pad, max_new_tokens, options, rng, use_
             chosen = np.where(finished, pad, chosen)
             if seen is not None:
                 seen[np.arange(batch)[~finished], chosen[~finished]] = True
+            running = ~finished
             finished |= np.isin(chosen, list(stop))
             ids = np.concatenate((ids, chosen[:, None]), axis=1)
             mask = np.concatenate((mask, np.ones((batch, 1), dtype=mask.dtype)), axis=1)
+            if stopper is not None:
+                finished |= stopper.ended(ids, mask, running & ~finished)
             step_ids = chosen[:, None] if use_cache else ids
             yield chosen, ids
             if finished.all():
@@ -317,7 +324,7 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 64, te
              top_k: int | None = None, top_p: float | None = None, seed=None, eos_token_id=None,
              pad_token_id: int | None = None, use_cache: bool = True, *, do_sample: bool | None = None,
              repetition_penalty: float = 1.0, num_return_sequences: int = 1, streamer=None,
-             past_max_positions: str = "warn", prompt_cache=None) -> np.ndarray:
+             past_max_positions: str = "warn", prompt_cache=None, stop_strings=None, tokenizer=None) -> np.ndarray:
     """Return host ids (B·n, T + k) with k ≤ ``max_new_tokens`` new tokens per row.
 
     The arguments mean what they mean in transformers' ``generate`` (greedy unless
@@ -328,12 +335,15 @@ def generate(model, input_ids, attention_mask=None, max_new_tokens: int = 64, te
     (B·n,), or an object with transformers' ``put`` / ``end``. ``prompt_cache``: a
     :class:`~minipeft.models.prompt_cache.PromptCache` kept across calls, so a prompt that
     repeats the previous call's tokens (a chat's history) is not computed again.
+    ``stop_strings`` (with the ``tokenizer`` that decodes the ids) end a row once its text
+    contains one of them, as in transformers (:mod:`~minipeft.models.stop_strings`).
     """
     step, ids, mask, stop, pad = _prepare(model, input_ids, attention_mask, eos_token_id, pad_token_id, use_cache,
                                           prompt_cache, num_return_sequences)
     return decode(step, ids, mask, stop, pad, max_new_tokens, temperature, top_k, top_p, seed, use_cache,
                   streamer=streamer, do_sample=do_sample, repetition_penalty=repetition_penalty,
                   num_return_sequences=num_return_sequences, past_max_positions=past_max_positions,
+                  stop_strings=stop_strings, tokenizer=tokenizer,
                   max_positions=model.config.max_position_embeddings)
 
 
@@ -342,8 +352,8 @@ def stream(model, input_ids, attention_mask=None, max_new_tokens: int = 64, eos_
     """:func:`generate` as a generator: yields each step's new ids, host (B·n,), as they are chosen.
 
     ``options`` are :func:`generate`'s (``do_sample``, ``temperature``, ``top_k``, ``top_p``,
-    ``repetition_penalty``, ``num_return_sequences``, ``seed``, ``past_max_positions``) and
-    ``prompt_cache`` is :func:`generate`'s.
+    ``repetition_penalty``, ``num_return_sequences``, ``seed``, ``past_max_positions``,
+    ``stop_strings``, ``tokenizer``) and ``prompt_cache`` are :func:`generate`'s.
     """
     step, ids, mask, stop, pad = _prepare(model, input_ids, attention_mask, eos_token_id, pad_token_id, use_cache,
                                           prompt_cache, options.get("num_return_sequences", 1))
