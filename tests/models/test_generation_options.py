@@ -242,6 +242,13 @@ def test_past_max_positions_warns_by_default_and_stops_when_asked(random_model):
         model.generate(too_long, max_new_tokens=5)  # the model refuses the prompt itself
 
 
+class IdsAsText:
+    """A tokenizer whose text is the ids themselves, "<5><17>...": stop strings on ids."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(f"<{int(i)}>" for i in ids)
+
+
 def test_proxy_tuning_decodes_with_the_same_options(random_model):
     """Proxy-tuning's decoder takes every option too: with expert = anti-expert the shift is zero,
     so it must give the base model's ids for any option."""
@@ -250,8 +257,11 @@ def test_proxy_tuning_decodes_with_the_same_options(random_model):
     base, other = random_model(seed=7), random_model(seed=8)
     proxy = ProxyTuning(base, other, other)
     prompt = _prompts(4, batch=1, length=4)
-    for kwargs in (dict(repetition_penalty=1.5), dict(do_sample=True, num_return_sequences=2, seed=3, top_p=0.9)):
+    third = base.generate(prompt, max_new_tokens=10, eos_token_id=[])[0, 6]  # a stop string that comes up
+    for kwargs in (dict(repetition_penalty=1.5), dict(do_sample=True, num_return_sequences=2, seed=3, top_p=0.9),
+                   dict(stop_strings=[f"<{third}>"], tokenizer=IdsAsText())):
         streamed = []
         got = proxy.generate(prompt, max_new_tokens=10, eos_token_id=[], streamer=streamed.append, **kwargs)
         np.testing.assert_array_equal(got, base.generate(prompt, max_new_tokens=10, eos_token_id=[], **kwargs))
         np.testing.assert_array_equal(np.stack(streamed, axis=1), got[:, 4:])
+        assert got.shape[1] <= 7 if "stop_strings" in kwargs else got.shape[1] == 14

@@ -115,3 +115,15 @@ def test_clear_after_the_weights_change(random_model):
     np.testing.assert_array_equal(model.generate(prompt, max_new_tokens=4, prompt_cache=cache),
                                   model.generate(prompt, max_new_tokens=4))
     assert cache.reused == 0
+
+
+def test_stream_takes_the_cache_too(random_model):
+    from minipeft.models.generation import stream  # noqa: PLC0415
+
+    model, cache = random_model(seed=2), mp.PromptCache()
+    prompt = np.array([[5, 9, 2, 7]])
+    first = model.generate(prompt, max_new_tokens=3, prompt_cache=cache)
+    longer = np.concatenate([first, [[4, 4]]], axis=1)
+    streamed = np.concatenate(list(stream(model, longer, max_new_tokens=5, prompt_cache=cache)))
+    assert cache.reused == first.shape[1] - 1
+    np.testing.assert_array_equal(streamed, model.generate(longer, max_new_tokens=5)[0, longer.shape[1]:])
