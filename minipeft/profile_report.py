@@ -78,6 +78,7 @@ class ProfileReport:
     peak_rss_bytes: int | None  # the process's peak resident memory (ru_maxrss)
     threads: int | None  # BLAS threads during the steps
     blas: str | None = None  # NumPy's BLAS and the kernels it runs (threads.blas_library)
+    unit: str = "step"  # what one of ``steps`` is: a training "step", or a generated "token"
     losses: list[float] = dataclasses.field(default_factory=list)
 
     @property
@@ -108,13 +109,13 @@ class ProfileReport:
 
     def format(self, shapes: int = 8) -> str:
         """The table; then the ``shapes`` GEMM shapes that took the most time."""
-        steps, wall = self.steps, self.wall_s
+        steps, wall, unit = self.steps, self.wall_s, self.unit
         per_step = 1.0 / steps
         lines = [
-            f"{steps} step(s), {wall * per_step * 1e3:.1f} ms per step"
+            f"{steps} {unit}(s), {wall * per_step * 1e3:.1f} ms per {unit}"
             + (f", {self.threads} BLAS thread(s)" if self.threads else "")
             + (f" ({self.blas})" if self.blas else "")
-            + "; per step: ms and % of the step, MB allocated (arrays returned), calls",
+            + f"; per {unit}: ms and % of the {unit}, MB allocated (arrays returned), calls",
             f"{'op':<14} {'fwd ms':>8} {'bwd ms':>8} {'total %':>7} {'fwd MB':>8} {'bwd MB':>8} "
             f"{'calls f/b':>11} {'GFLOP/s':>8}",
         ]
@@ -130,22 +131,22 @@ class ProfileReport:
         forward = sum(s.forward_s for s in self.ops.values())
         backward = sum(s.backward_s for s in self.ops.values())
         lines.append(f"ops: forward {forward * per_step * 1e3:.1f} ms, backward {backward * per_step * 1e3:.1f} ms"
-                     f" per step ({100 * self.ops_s / wall:.0f}% of the step)")
+                     f" per {unit} ({100 * self.ops_s / wall:.0f}% of the {unit})")
         if self.gemm_flops:
             achieved = self.gemm_flops / self.gemm_s if self.gemm_s > 0 else 0.0
             line = (f"GEMM ops ({', '.join(self.gemm_ops)}): "
-                    f"{self.gemm_flops * per_step / 1e9:.2f} GFLOP per step, {achieved / 1e9:.1f} GFLOP/s")
+                    f"{self.gemm_flops * per_step / 1e9:.2f} GFLOP per {unit}, {achieved / 1e9:.1f} GFLOP/s")
             if self.gemm_peak_flops:
                 floor = self.gemm_flops * per_step / self.gemm_peak_flops
                 line += (f" = {100 * achieved / self.gemm_peak_flops:.0f}% of the measured peak "
                          f"{self.gemm_peak_flops / 1e9:.1f} GFLOP/s (1024³ float32 NumPy matmul); "
-                         f"at that peak the step's GEMMs would take {floor * 1e3:.1f} ms, "
-                         f"{100 * floor / (wall * per_step):.0f}% of the step")
+                         f"at that peak the {unit}'s GEMMs would take {floor * 1e3:.1f} ms, "
+                         f"{100 * floor / (wall * per_step):.0f}% of the {unit}")
             lines.append(line)
         top = sorted(self.ops.shapes.items(), key=lambda item: -item[1].total_s)[:shapes]
         if top:
             lines.append(f"GEMM shapes, the {len(top)} slowest of {len(self.ops.shapes)} "
-                         f"(per step: fwd ms, bwd ms, % of the step, calls, GFLOP/s):")
+                         f"(per {unit}: fwd ms, bwd ms, % of the {unit}, calls, GFLOP/s):")
             width = max(len(label) for label, _ in top)
             for label, s in top:
                 rate = s.flops / s.total_s / 1e9 if s.total_s > 0 else 0.0

@@ -14,7 +14,7 @@ from minipeft.autograd.function import Function
 from minipeft.autograd.fused import IGNORE_INDEX, linear_cross_entropy, low_rank_linear
 from minipeft.autograd.fused.layers import Linear
 from minipeft.cli import main
-from minipeft.profiler import matmul_flops, profile_step, profiling
+from minipeft.profiler import matmul_flops, profile_generation, profile_step, profiling
 
 LAYERS = 2
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -236,6 +236,16 @@ def test_the_engine_runs_its_own_methods_outside_the_profiler():
     assert _methods() == before  # and restored, even after an error
 
 
+def test_generation_is_profiled_per_token():
+    model = tiny_model()
+    report = profile_generation(model, np.array([[1, 5, 7]]), new_tokens=6, warmup=0, gemm_peak=False)
+    assert report.unit == "token" and report.steps == 6 and len(report.step_s) == 6
+    assert calls(report, "Linear") == (7 * LAYERS + 1, 0)  # the projections and the head, once a token
+    assert calls(report, "Attention") == (LAYERS, 0) and report.optimizer_s == 0
+    assert all(t > 0 for t in report.step_s) and report.ops_s <= report.wall_s
+    assert report.format().startswith("6 token(s), ") and "ms per token" in report.format()
+
+
 # ----- the command line ------------------------------------------------------------------
 def test_cli_prints_the_table_and_exits_0(capsys, tmp_path):
     folder = tmp_path / "tiny"
@@ -265,3 +275,13 @@ def test_a_device_other_than_the_cpu_is_one_error_line(capsys):
     assert main(["profile", "--device", "cuda"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("minipeft: error: --device cuda"), err
+
+
+def test_cli_profiles_generation(capsys, tmp_path):
+    folder = tmp_path / "tiny"
+    tiny_model().save_pretrained(str(folder))
+    code = main(["profile", "--model", str(folder), "--generate", "5", "--threads", "1"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.startswith("5 token(s), ") and "Linear" in out and "GEMM ops" in out
+    assert "greedy decoding" in err

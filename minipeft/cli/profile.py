@@ -4,6 +4,8 @@ Builds the model with a PEFT method, draws a random batch of token ids (seed 0),
 ``--warmup`` unprofiled and ``--steps`` profiled training steps (forward, backward,
 AdamW) and prints the table: time, bytes and calls per op class, the GEMMs' FLOP/s
 against the machine's measured GEMM peak, the optimizer's share and the peak memory.
+``--generate N`` profiles greedy decoding instead: N tokens at batch 1 from the BOS token,
+with the base model, per token.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup", type=non_negative, default=1, metavar="N", help="unprofiled steps first")
     p.add_argument("--forward-only", action="store_true",
                    help="profile the forward alone, without gradients (as evaluation and generation run it)")
+    p.add_argument("--generate", type=positive, default=None, metavar="N",
+                   help="profile greedy decoding of N tokens (batch 1, from BOS, the base model) instead")
     p.add_argument("--no-memory", dest="memory", action="store_false",
                    help="skip the extra step under tracemalloc that measures the peak memory")
     p.set_defaults(run=run)
@@ -44,12 +48,18 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from .. import peft  # noqa: PLC0415 - PEFT only when asked for
-    from ..profiler import profile_step  # noqa: PLC0415
+    from ..profiler import profile_generation, profile_step  # noqa: PLC0415
 
     if args.device != "cpu":
         raise ConfigError(f"--device {args.device}: the profiler times NumPy on the CPU only")
     folder = model_folder(args)
     model = LlamaForCausalLM.from_pretrained(folder)
+    if args.generate is not None:
+        bos = model.config.bos_token_id if isinstance(model.config.bos_token_id, int) else 1
+        say(f"profiling greedy decoding on {folder}: {args.generate} tokens from BOS, batch 1, "
+            f"{args.warmup} warm-up run(s)")
+        print(profile_generation(model, np.array([[bos]]), new_tokens=args.generate, warmup=args.warmup).format())
+        return 0
     vocab_size = model.config.vocab_size
     if METHODS[args.method] is not None:
         config_class, kwargs = METHODS[args.method]
