@@ -25,7 +25,10 @@ from ..errors import InputError
 
 def checked_stop_strings(strings) -> list[str]:
     """``strings`` (one string or several) as a list; InputError unless each is a non-empty string."""
-    strings = [strings] if isinstance(strings, str) else list(strings)
+    try:
+        strings = [strings] if isinstance(strings, str) else list(strings)
+    except TypeError:
+        strings = [strings]  # one value that is not a string: refused below
     if not strings or not all(isinstance(s, str) and s for s in strings):
         raise InputError(f"stop_strings must be non-empty strings, got {strings!r}")
     return strings

@@ -90,6 +90,7 @@ def test_a_character_split_across_tokens_still_matches():
     ([""], BytesTokenizer(), "non-empty strings"),
     ([], BytesTokenizer(), "non-empty strings"),
     ([3], BytesTokenizer(), "non-empty strings"),
+    (3, BytesTokenizer(), "non-empty strings"),
 ])
 def test_bad_stop_strings_are_refused(random_model, stops, tokenizer, match):
     with pytest.raises(InputError, match=match):
