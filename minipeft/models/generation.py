@@ -65,6 +65,7 @@ from ..autograd.tensor import no_grad
 from ..backend import random_generator, to_numpy
 from ..errors import InputError
 from .kv_cache import KVCache
+from .prompt_cache import PromptCache
 from .stop_strings import StopStrings
 
 TRANSFORMERS_TOP_K = 50  # GenerationConfig's default top_k, used with do_sample=True
@@ -315,8 +316,10 @@ def _prepare(model, input_ids, attention_mask, eos_token_id, pad_token_id, use_c
     stop = stop_ids_of(model, eos_token_id)
     if prompt_cache is None:
         step = model_step(model, use_cache)
-    else:
+    elif isinstance(prompt_cache, PromptCache):
         step = prompt_cache.next_logits(model, ids, mask, num_return_sequences, use_cache)
+    else:
+        raise InputError(f"prompt_cache must be a minipeft PromptCache (or None), got {type(prompt_cache).__name__}")
     return step, ids, mask, stop, pad_id_of(model, stop, pad_token_id)
 
 

@@ -90,6 +90,8 @@ def test_what_it_cannot_serve_is_refused_by_name(random_model):
         model.generate(np.array([[1, 2]]), use_cache=False, prompt_cache=cache)
     with pytest.raises(InputError, match="without padding"):
         model.generate(np.array([[0, 1, 2]]), attention_mask=np.array([[0, 1, 1]]), prompt_cache=cache)
+    with pytest.raises(InputError, match="must be a minipeft PromptCache"):
+        model.generate(np.array([[1, 2]]), prompt_cache=KVCache(2))
     prompt_tuned = mp.peft.get_peft_model(model, mp.peft.PromptTuningConfig(num_virtual_tokens=2))
     with pytest.raises(InputError, match="virtual tokens"):
         prompt_tuned.generate(np.array([[1, 2]]), prompt_cache=cache)
