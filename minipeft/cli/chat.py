@@ -23,21 +23,14 @@ import sys
 
 from ..errors import InputError
 from ..io.tokenizer import Tokenizer
-from ..models import LlamaForCausalLM, PromptCache
-from ..peft import PeftModel
+from ..models import PromptCache
+from ..models.prompt_cache import serves
 from .common import add_model_option, say
 from .generate import (add_adapter_options, add_sampling_options, base_model_folder, chat_ids, chat_stop_ids,
                        check_decoding, decoding_kwargs, load_model, run_generation)
 from .streaming import TextStream, one_line_warnings
 
 COMMANDS = "/reset clears the history, /exit or Ctrl-D ends"
-
-
-def is_plain_decoder(model) -> bool:
-    """Whether a PromptCache can serve the model: one decoder whose forward reads the tokens alone."""
-    if isinstance(model, PeftModel):
-        return model.virtual_token_adapter() is None
-    return isinstance(model, LlamaForCausalLM)
 
 
 def add_parser(sub) -> None:
@@ -60,7 +53,7 @@ def run(args) -> int:
     kwargs["tokenizer"] = tokenizer  # decodes for --stop
     kwargs["eos_token_id"] = chat_stop_ids(model, tokenizer)
     limit = model.config.max_position_embeddings
-    if is_plain_decoder(model):
+    if serves(model):
         kwargs["prompt_cache"] = PromptCache()
     start = [{"role": "system", "content": args.system}] if args.system is not None else []
     messages = list(start)

@@ -22,6 +22,7 @@ import numpy as np
 from ..backend import to_numpy
 from ..errors import InputError
 from .kv_cache import KVCache
+from .llama import LlamaForCausalLM
 
 
 class PromptCache:
@@ -53,10 +54,9 @@ class PromptCache:
             raise InputError("prompt_cache needs use_cache=True (it is a KV cache)")
         if not mask.all():
             raise InputError("prompt_cache takes a prompt without padding")
-        virtual = getattr(model, "virtual_token_adapter", None)
-        if virtual is not None and virtual() is not None:
-            raise InputError("prompt_cache cannot serve an adapter with virtual tokens (prompt / prefix tuning): "
-                             "they sit in the cache before the prompt")
+        if not serves(model):
+            raise InputError("prompt_cache serves a LlamaForCausalLM, or a PeftModel over one without virtual "
+                             "tokens (prompt / prefix tuning put them in the cache before the prompt)")
         device = getattr(model, "device", None)
         if model is not self.model or device != self.device:
             self.clear()
@@ -76,6 +76,14 @@ class PromptCache:
             return to_numpy(out.logits.data[:, -1, :])
 
         return step
+
+
+def serves(model) -> bool:
+    """Whether a PromptCache can serve ``model``: a LlamaForCausalLM, or a PeftModel over one whose
+    active adapter adds no virtual tokens (not proxy-tuning: three models, three caches)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    virtual = getattr(model, "virtual_token_adapter", None)
+    return isinstance(base, LlamaForCausalLM) and (virtual is None or virtual() is None)
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
